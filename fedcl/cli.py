@@ -1,0 +1,151 @@
+"""The `fedcl` command line: simulate, report.
+
+Every command checks its inputs before it writes anything: a bad config key,
+model name or data file ends the command with a message naming it, exit
+status 2, and no run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import fedcl  # noqa: F401  (offline defaults)
+from fedcl.config import Config, ConfigError, load_config
+
+# Convenience flags and the config keys they set.
+FLAGS = {
+    "model": ("model.name", str), "clients": ("federation.clients", int),
+    "clients_per_round": ("federation.clients_per_round", int), "rounds": ("federation.rounds", int),
+    "local_steps": ("train.local_steps", int), "lr": ("train.lr", float),
+    "batch_size": ("train.batch_size", int), "lora_r": ("lora.r", int),
+    "lora_alpha": ("lora.alpha", int), "lora_targets": ("lora.target_modules", str),
+    "seed": ("train.seed", int), "strategy": ("strategy.name", str),
+}
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs; reported without a traceback."""
+
+
+def add_simulate(sub) -> None:
+    p = sub.add_parser("simulate", help="run a federation on Flower's simulation engine",
+                       description="Run (or resume) a simulated federation. Settings come from "
+                       "the defaults, --config FILE, then --set and the flags below.")
+    p.add_argument("--config", metavar="FILE", help="TOML config file")
+    p.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
+                   dest="overrides", help="override any config key (repeatable)")
+    for flag, (key, typ) in FLAGS.items():
+        p.add_argument("--" + flag.replace("_", "-"), type=typ, metavar=key.split(".")[-1].upper(),
+                       help=f"sets {key}")
+    p.add_argument("--data", metavar="FILE", help="your own JSONL/CSV file (sets data.path)")
+    p.add_argument("--state-dir", metavar="DIR", help="root of the clients' own state folders")
+    p.add_argument("--out", metavar="DIR", help="run folder to create (default: runs/<time>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last completed round")
+
+
+def resolve_config(args) -> tuple[Config, Path]:
+    """The run's config and folder, from a fresh start or from the run being resumed."""
+    flags = {key: getattr(args, name) for name, (key, _) in FLAGS.items()
+             if getattr(args, name, None) is not None}
+    if args.resume:
+        run = Path(args.resume)
+        if not (run / "config.toml").is_file():
+            raise UsageError(f"--resume {run}: not a fedcl run folder (no config.toml)")
+        allowed = {"federation.rounds", "federation.timeout"}
+        changed = set(flags) | {o.partition("=")[0].strip() for o in args.overrides}
+        if args.config or args.data or changed - allowed:
+            raise UsageError("--resume continues a run with its own config; only --rounds and "
+                             f"federation.timeout may change (got {sorted(changed - allowed) or '--config/--data'})")
+        config = load_config(run / "config.toml", args.overrides)
+        return config.replace(flags, source="flags"), run
+    config = load_config(args.config, args.overrides)
+    if args.data:
+        flags.update({"data.path": args.data, "data.dataset": ""})
+    if args.state_dir:
+        flags["run.state_dir"] = str(Path(args.state_dir).resolve())
+    config = config.replace(flags, source="flags") if flags else config
+    out = Path(args.out or config.run.out_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--out {out}: folder exists and is not empty; "
+                         f"use --resume {out} to continue it, or choose another folder")
+    return config.replace({"run.out_dir": str(out.resolve())}, source="--out"), out
+
+
+def preflight(config: Config) -> None:
+    """Load model, data and task and split the data, so errors surface before any write."""
+    from fedcl import data
+    from fedcl.session import GlobalEvaluator
+
+    evaluator = GlobalEvaluator(config)
+    for client in range(config.federation.clients):
+        train, _ = data.client_split(config.data, evaluator.shared.dataset, client,
+                                     config.federation.clients, config.train.seed)
+        if not train:
+            raise UsageError(f"client {client} gets no training records; use fewer clients "
+                             "or another data.partition")
+
+
+def cmd_simulate(args) -> int:
+    from fedcl.simulation import run_simulation
+    from fedcl.summary import print_summary
+    from server.checkpoint import RunDir
+
+    config, out = resolve_config(args)
+    run_dir = RunDir(out)
+    done = run_dir.completed_rounds()
+    if args.resume and done >= config.federation.rounds:
+        print(f"{out}: already has {done} rounds; pass --rounds N with N > {done} to add more")
+        return 0
+    preflight(config)
+    run_simulation(config)
+    finished = run_dir.completed_rounds()
+    if finished < config.federation.rounds:
+        print(f"fedcl: error: the run stopped after round {finished} of {config.federation.rounds}; "
+              f"see the log above, then `fedcl simulate --resume {out}` continues it",
+              file=sys.stderr)
+        return 1
+    print_summary(run_dir.metrics(), out)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from fedcl.report import write_report
+
+    for path in write_report(Path(args.run_dir)):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedcl", description=fedcl.__doc__)
+    parser.add_argument("--version", action="version", version=f"fedcl {fedcl.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_simulate(sub)
+    rep = sub.add_parser("report", help="draw a run's curves as PNG files")
+    rep.add_argument("run_dir", metavar="RUN_DIR")
+    return parser
+
+
+COMMANDS = {"simulate": cmd_simulate, "report": cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, ConfigError) as err:
+        print(f"fedcl: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # DataError, ModelError, TaskError, AdapterError
+        print(f"fedcl: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedcl: interrupted; completed rounds are kept (use --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

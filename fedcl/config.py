@@ -1,0 +1,357 @@
+"""Typed configuration: one frozen dataclass per concern, validated at load.
+
+A run's configuration comes from three layers, later ones winning:
+the defaults below, a TOML file (``--config``), and ``--set section.key=value``
+overrides (plus a few convenience flags such as ``--rounds``). Unknown keys and
+bad values are errors that name the key, the value and what is allowed.
+
+The same configuration travels to Flower apps as a flat ``run_config`` with
+dotted keys (``lora.r = 8``): Flower only carries scalars, so list-valued
+settings are comma-separated strings here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message says which and why."""
+
+
+def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: got {value!r}, expected {allowed}")
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
+
+
+def split_list(value: str) -> list[str]:
+    """'a, b,c' -> ['a', 'b', 'c'] (empty string -> [])."""
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+TaskKind = Literal["classification", "instruction"]
+PartitionKind = Literal["iid", "dirichlet", "column"]
+ComputeDtype = Literal["float32", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # A built-in name (see `fedcl.models.BUILTIN_MODELS`), a local Hugging Face
+    # folder, or a .gguf file. The default is the embedded SmolLM2-135M, which
+    # has DeepSeek-LLM's (Llama) architecture.
+    name: str = "smollm2-135m"
+    # Tokens per example after truncation; the cost of a step grows with it.
+    max_length: int = 64
+    # Matmul precision on CPU: bfloat16 autocast roughly doubles throughput
+    # here; master weights and the adapter that travels stay float32.
+    compute_dtype: ComputeDtype = "bfloat16"
+    # Torch threads per client process (0: all cores given to the process).
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", self.name, "a model name or path")
+        _check(8 <= self.max_length <= 8192, "model.max_length", self.max_length, "an integer in [8, 8192]")
+        _check_choice("model.compute_dtype", self.compute_dtype, get_args(ComputeDtype))
+        _check(self.threads >= 0, "model.threads", self.threads, "0 (auto) or a positive integer")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    # "auto" picks the attention projections for the model's architecture
+    # (`fedcl.models.LORA_TARGETS`); otherwise comma-separated module names.
+    target_modules: str = "auto"
+    # Seed of the adapter's initialisation: every node builds the same start.
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.r <= 1024, "lora.r", self.r, "an integer in [1, 1024]")
+        _check(self.alpha > 0, "lora.alpha", self.alpha, "a positive integer")
+        _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "a float in [0, 1)")
+        _check(
+            self.target_modules == "auto" or bool(split_list(self.target_modules)),
+            "lora.target_modules", self.target_modules, '"auto" or comma-separated module names',
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # A built-in demo ("drugreview", "drugreview-condition", "germancredit",
+    # "lending-club", "headlines") or "" when `path` names the user's own file.
+    dataset: str = "drugreview"
+    path: str = ""
+    # Optional separate test file for the server's global evaluation;
+    # otherwise `test_fraction` of the data is held out.
+    test_path: str = ""
+    task: TaskKind = "classification"
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    # Comma-separated allowed labels; empty: the labels found in the data.
+    labels: str = ""
+    # Prompt templates; {text} / {prompt} are filled from the record.
+    classification_template: str = "{text}\nSentiment:"
+    instruction_template: str = "### Instruction:\n{prompt}\n### Response:\n"
+    partition: PartitionKind = "iid"
+    alpha: float = 0.5
+    partition_column: str = ""
+    # Each client's held-out share, evaluated by the client itself.
+    eval_fraction: float = 0.2
+    test_fraction: float = 0.2
+    # Cap on training records taken from the source (0: all); keeps demos short.
+    max_records: int = 0
+    max_test_records: int = 0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.dataset) or bool(self.path), "data.dataset", self.dataset,
+               "a built-in dataset name, or data.path set to a JSONL/CSV file")
+        _check_choice("data.task", self.task, get_args(TaskKind))
+        _check_choice("data.partition", self.partition, get_args(PartitionKind))
+        _check(self.alpha > 0 and math.isfinite(self.alpha), "data.alpha", self.alpha, "a positive number")
+        _check(self.partition != "column" or bool(self.partition_column), "data.partition_column",
+               self.partition_column, "a column name when data.partition = \"column\"")
+        _check(0.0 <= self.eval_fraction < 1.0, "data.eval_fraction", self.eval_fraction, "a float in [0, 1)")
+        _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", self.test_fraction, "a float in (0, 1)")
+        _check(self.max_records >= 0, "data.max_records", self.max_records, "0 or a positive integer")
+        _check(self.max_test_records >= 0, "data.max_test_records", self.max_test_records, "0 or a positive integer")
+        key = "data.classification_template" if self.task == "classification" else "data.instruction_template"
+        slot = "{text}" if self.task == "classification" else "{prompt}"
+        template = self.classification_template if self.task == "classification" else self.instruction_template
+        _check(slot in template, key, template, f"a template containing {slot}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 2e-3
+    # Optimiser steps per client per round, each on `batch_size` examples.
+    local_steps: int = 8
+    batch_size: int = 8
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    # Binary tasks: the class that matters and the probability at which it is
+    # predicted (e.g. flag high risk at 0.4 to raise its recall).
+    positive_label: str = ""
+    threshold: float = 0.5
+    eval_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", self.lr, "a positive number")
+        _check(self.local_steps >= 1, "train.local_steps", self.local_steps, "a positive integer")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "a positive integer")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a non-negative number")
+        _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing, "a float in [0, 1)")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "0 (off) or a positive number")
+        _check(0.0 < self.threshold < 1.0, "train.threshold", self.threshold, "a float in (0, 1)")
+        _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "a positive integer")
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    clients: int = 3
+    # Clients sampled per round (0: all).
+    clients_per_round: int = 0
+    rounds: int = 3
+    # Minimum replies for a round to count, and how long to wait for them.
+    min_replies: int = 1
+    timeout: float = 3600.0
+    # CPUs Flower's simulation engine gives each virtual client; 1 lets two
+    # clients train at once on a 2-core machine.
+    client_cpus: int = 1
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.clients <= 10_000, "federation.clients", self.clients, "an integer in [1, 10000]")
+        _check(0 <= self.clients_per_round <= self.clients, "federation.clients_per_round",
+               self.clients_per_round, f"0 (all) or an integer in [1, federation.clients={self.clients}]")
+        _check(1 <= self.rounds <= 100_000, "federation.rounds", self.rounds, "a positive integer")
+        _check(self.min_replies >= 1, "federation.min_replies", self.min_replies, "a positive integer")
+        _check(self.timeout > 0, "federation.timeout", self.timeout, "a positive number of seconds")
+        _check(self.client_cpus >= 1, "federation.client_cpus", self.client_cpus, "a positive integer")
+
+    @property
+    def sampled(self) -> int:
+        return self.clients_per_round or self.clients
+
+
+STRATEGY_NAMES = ("fedavg",)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "fedavg"
+
+    def __post_init__(self) -> None:
+        _check_choice("strategy.name", self.name, STRATEGY_NAMES)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # The run folder the server writes (resolved config, metrics, adapters).
+    out_dir: str = ""
+    # Simulation only: root of the virtual nodes' own state folders (one
+    # `client-<id>/` each). In deployment each node names its own.
+    state_dir: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # -- conversions -------------------------------------------------------
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Dotted keys, as Flower's run_config carries them."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    def to_toml(self) -> str:
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+            lines.append("")
+        return "\n".join(lines)
+
+    def replace(self, updates: dict[str, Any], source: str = "override") -> "Config":
+        """Return a copy with dotted-key updates applied and validated."""
+        return build_config(_nest(updates, source), base=self, source=source)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in fields(Config)}  # type: ignore[misc]
+_SECTION_TYPES = get_type_hints(Config)
+
+
+def _nest(flat: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        section, dot, name = key.partition(".")
+        if not dot or not name:
+            raise ConfigError(f"{source}: key {key!r} must look like section.key (e.g. train.lr)")
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert `value` (from TOML or a command-line string) to the field's type."""
+    choices = get_args(typ)
+    if choices:  # Literal
+        typ = str
+    if typ is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        _check(isinstance(value, bool), key, value, "true or false")
+        return value
+    if typ is int:
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise ConfigError(f"{key}: got {value!r}, expected an integer") from None
+        _check(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+        return value
+    if typ is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: got {value!r}, expected a number") from None
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, value, "a number")
+        return float(value)
+    if isinstance(value, list):  # TOML arrays for list-like settings
+        _check(all(isinstance(v, str) for v in value), key, value, "a list of strings")
+        return ",".join(value)
+    _check(isinstance(value, str), key, value, "a string")
+    return value
+
+
+def build_config(nested: dict[str, Any], base: Config | None = None, source: str = "config") -> Config:
+    """Apply a nested {section: {key: value}} mapping onto `base` (default: defaults)."""
+    base = base or Config()
+    sections = {}
+    for section, values in nested.items():
+        if section not in _SECTION_TYPES:
+            raise ConfigError(
+                f"{source}: unknown section [{section}]; known sections: {', '.join(_SECTION_TYPES)}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{section}] must be a table of key = value")
+        cls = _SECTION_TYPES[section]
+        hints = get_type_hints(cls)
+        current = getattr(base, section)
+        updates = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(
+                    f"{source}: unknown key {section}.{key}; known keys of [{section}]: {', '.join(hints)}"
+                )
+            updates[key] = _coerce(f"{section}.{key}", value, hints[key])
+        try:
+            sections[section] = dataclasses.replace(current, **updates)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+    return dataclasses.replace(base, **sections)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: Config | None = None) -> Config:
+    """Defaults <- TOML file <- `section.key=value` overrides, validated."""
+    config = base or Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            nested = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        config = build_config(nested, base=config, source=str(path))
+    flat = {}
+    for item in overrides or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        flat[key.strip()] = value.strip()
+    if flat:
+        config = build_config(_nest(flat, "--set"), base=config, source="--set")
+    return config
+
+
+def from_run_config(run_config: dict[str, Any]) -> Config:
+    """Rebuild the typed config inside a Flower app from its flat run_config.
+
+    `flwr run .` passes pyproject's `[tool.flwr.app.config]`, whose optional
+    `config` key names a TOML file; every other dotted key overrides it.
+    """
+    flat = dict(run_config)
+    path = flat.pop("config", "") or None
+    config = load_config(path) if path else Config()
+    return build_config(_nest(flat, "run_config"), base=config, source="run_config") if flat else config

@@ -1,0 +1,131 @@
+"""Local training and evaluation of a LoRA model, in plain PyTorch.
+
+`train_local` runs a client's optimiser steps for one round; `evaluate` scores
+a model on a list of records. Neither knows about Flower: the ClientApp and
+the server's global evaluation call them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from fedcl import metrics
+from fedcl.config import ModelConfig, TrainConfig
+from fedcl.tasks import Batch, ClassificationTask
+
+
+@dataclass
+class TrainResult:
+    loss: float  # mean training loss over the round's steps
+    steps: int
+    examples: int  # examples seen, with repeats
+    tokens: int  # non-padding tokens processed
+    seconds: float
+
+
+def autocast(model_cfg: ModelConfig):
+    """bfloat16 autocast on CPU when configured: about twice the matmul rate here."""
+    if model_cfg.compute_dtype == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def sample_batches(records: list, batch_size: int, steps: int, seed: int) -> Iterator[list]:
+    """`steps` batches drawn epoch by epoch from a seeded shuffle of `records`."""
+    if not records:
+        raise ValueError("cannot train on an empty set of records")
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            fresh = list(range(len(records)))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        take, order = order[:batch_size], order[batch_size:]
+        yield [records[i] for i in take]
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_local(model, task, records: list, train_cfg: TrainConfig, model_cfg: ModelConfig, *,
+                seed: int, extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+                progress: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Run `train_cfg.local_steps` AdamW steps on `records`.
+
+    `extra_loss(model)` is added to each step's loss (e.g. a proximal term).
+    """
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    model.train()
+    start, losses, examples, tokens = time.perf_counter(), [], 0, 0
+    for step, chunk in enumerate(sample_batches(records, train_cfg.batch_size, train_cfg.local_steps, seed)):
+        batch = task.encode(chunk)
+        with autocast(model_cfg):
+            loss = task.per_example_loss(model, batch).mean()
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if train_cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        examples += len(chunk)
+        tokens += int(batch.attention_mask.sum())
+        if progress is not None:
+            progress(step + 1, losses[-1])
+    model.eval()
+    return TrainResult(sum(losses) / len(losses), len(losses), examples, tokens,
+                       time.perf_counter() - start)
+
+
+def _chunks(records: list, size: int) -> Iterator[list]:
+    for i in range(0, len(records), size):
+        yield records[i:i + size]
+
+
+def predict(task: ClassificationTask, probs: torch.Tensor, train_cfg: TrainConfig) -> list[int]:
+    """Argmax, or for a binary task with a named positive class, its probability threshold."""
+    if train_cfg.positive_label and len(task.labels) == 2:
+        pos = task.index.get(train_cfg.positive_label)
+        if pos is None:
+            raise ValueError(f"train.positive_label: got {train_cfg.positive_label!r}, "
+                             f"expected one of {', '.join(task.labels)}")
+        return [pos if p[pos] >= train_cfg.threshold else 1 - pos for p in probs.tolist()]
+    return probs.argmax(dim=1).tolist()
+
+
+@torch.no_grad()
+def evaluate(model, task, records: list, train_cfg: TrainConfig, model_cfg: ModelConfig) -> dict:
+    """Accuracy figures (classification) or loss/perplexity (instruction) on `records`."""
+    model.eval()
+    if not records:
+        return {metrics.NUM_EXAMPLES: 0}
+    total_loss, total_tokens, y_true, y_pred = 0.0, 0, [], []
+    for chunk in _chunks(records, train_cfg.eval_batch_size):
+        batch: Batch = task.encode(chunk)
+        with autocast(model_cfg):
+            if isinstance(task, ClassificationTask):
+                logits = task.logits(model, batch)
+                total_loss += float(torch.nn.functional.cross_entropy(
+                    logits, batch.targets, reduction="sum"))
+                total_tokens += len(chunk)
+                y_true += batch.targets.tolist()
+                y_pred += predict(task, logits.softmax(dim=1), train_cfg)
+            else:
+                counts = task.token_counts(batch)
+                total_loss += float((task.per_example_loss(model, batch) * counts).sum())
+                total_tokens += int(counts.sum())
+    if isinstance(task, ClassificationTask):
+        report = metrics.classification_report(y_true, y_pred, task.labels)
+        report[metrics.LOSS] = total_loss / max(total_tokens, 1)
+        return report
+    return metrics.language_model_report(total_loss, total_tokens, len(records))

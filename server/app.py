@@ -1,0 +1,94 @@
+"""The Flower ServerApp: Flower's own round loop with fedcl's strategy and checkpoints.
+
+Each round: the strategy sends the global adapter to the sampled clients and
+aggregates their replies; then `evaluate_fn` scores the new global adapter on
+the global test split, saves it in PEFT format and commits the round to the
+run folder. A run folder that already holds completed rounds is resumed from
+its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import fedcl  # noqa: F401  (sets offline defaults before flwr loads)
+from flwr.app import ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedcl.config import ConfigError, from_run_config
+from fedcl.progress import RoundProgress
+from fedcl.session import GlobalEvaluator
+from server.checkpoint import RunDir
+from strategies import build_strategy
+from strategies.wire import arrays_to_state, state_to_arrays
+
+logger = logging.getLogger("fedcl.server")
+app = ServerApp()
+
+
+def numeric(metrics: dict) -> dict:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = from_run_config(dict(context.run_config))
+    if not config.run.out_dir:
+        raise ConfigError("run.out_dir: the ServerApp needs a run folder to write to")
+    run_dir = RunDir(config.run.out_dir)
+    evaluator = GlobalEvaluator(config)
+    metrics = run_dir.start(config.to_toml(), {
+        "name": config.model.name, "base_bytes": evaluator.base_bytes(),
+        "adapter_bytes": sum(t.numel() * 4 for t in evaluator.initial_state.values()),
+    })
+    done = run_dir.completed_rounds()
+    remaining = config.federation.rounds - done
+    if remaining <= 0:
+        logger.info("run %s already has %d of %d rounds", run_dir.path, done, config.federation.rounds)
+        return
+    state = evaluator.initial_state
+    if done:
+        state = _load_round(evaluator, run_dir, done)
+        logger.info("resuming %s after round %d", run_dir.path, done)
+    strategy = build_strategy(config, round_offset=done)
+    progress = RoundProgress(config.federation.rounds, done)
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        run_round = done + server_round
+        started = time.perf_counter()
+        if server_round == 0:
+            if done == 0:
+                metrics["initial_eval"] = evaluator.evaluate(arrays_to_state(arrays))
+                progress.initial(metrics["initial_eval"])
+            return None
+        state = arrays_to_state(arrays)
+        result = evaluator.evaluate(state)
+        evaluator.save(state, run_dir.adapter_dir(run_round))
+        record = strategy.records.pop(run_round, {"round": run_round})
+        record["eval"] = result
+        record["server_eval_seconds"] = time.perf_counter() - started
+        metrics["rounds"].append(record)
+        run_dir.commit_round(metrics, run_round, strategy.state_dict())
+        progress.round_done(record)
+        return MetricRecord(numeric(result))
+
+    strategy.start(grid=grid, initial_arrays=state_to_arrays(state), num_rounds=remaining,
+                   timeout=config.federation.timeout, evaluate_fn=evaluate_fn)
+    progress.close()
+
+
+def _load_round(evaluator: GlobalEvaluator, run_dir: RunDir, server_round: int) -> dict:
+    """The global adapter state saved after `server_round`, in the evaluator's naming."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from fedcl.adapters import adapter_state, load_adapter_state
+
+    path = run_dir.adapter_dir(server_round) / "adapter_model.safetensors"
+    model = evaluator.shared.model
+    before = adapter_state(model)
+    set_peft_model_state_dict(model, load_file(str(path)))
+    state = adapter_state(model)
+    load_adapter_state(model, before)
+    return state

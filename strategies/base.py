@@ -1,0 +1,132 @@
+"""What every fedcl strategy adds to Flower's: round bookkeeping.
+
+`RoundBookkeeping` is a mixin placed before a Flower strategy class
+(``class LoraFedAvg(RoundBookkeeping, FedAvg)``). It
+
+- numbers rounds from where a resumed run left off (Flower's loop always
+  counts from 1; `round_offset` maps its count onto the run's),
+- samples clients reproducibly from the run seed and the round,
+- records per round the bytes the messages carried each way, every client's
+  reply (partition id, examples, loss, status) and the failures,
+
+so that the ServerApp can write one complete record per round.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from strategies.wire import message_bytes
+
+# Keys of the clients' reply MetricRecords, shared with the ClientApp.
+NUM_EXAMPLES = "num-examples"
+PARTITION_ID = "partition-id"
+
+
+class RoundBookkeeping:
+    """Mixin: reproducible sampling, real byte counts and per-client records."""
+
+    def setup_bookkeeping(self, *, seed: int, clients_per_round: int, round_offset: int = 0,
+                          min_replies: int = 1) -> None:
+        self.seed = seed
+        self.clients_per_round = clients_per_round
+        self.round_offset = round_offset
+        self.min_replies = min_replies
+        self.records: dict[int, dict] = {}
+
+    def run_round(self, server_round: int) -> int:
+        return self.round_offset + server_round
+
+    def record(self, server_round: int) -> dict:
+        return self.records.setdefault(self.run_round(server_round), {
+            "round": self.run_round(server_round), "bytes_down": 0, "bytes_up": 0,
+            "clients": [], "failures": 0, "rejected": 0,
+        })
+
+    def _sample(self, grid: Grid, server_round: int) -> list[int]:
+        nodes = sorted(grid.get_node_ids())
+        k = self.clients_per_round or len(nodes)
+        if k >= len(nodes):
+            return nodes
+        rng = random.Random(f"sample/{self.seed}/{self.run_round(server_round)}")
+        return sorted(rng.sample(nodes, k))
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
+        chosen = set(self._sample(grid, server_round))
+        messages = [m for m in messages if m.metadata.dst_node_id in chosen]
+        run_round = self.run_round(server_round)
+        for m in messages:
+            m.content.config_records[self.configrecord_key]["server-round"] = run_round  # type: ignore[attr-defined]
+        self.record(server_round)["bytes_down"] += sum(message_bytes(m.content) for m in messages)
+        return messages
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
+        for m in messages:
+            m.content.config_records[self.configrecord_key]["server-round"] = self.run_round(server_round)  # type: ignore[attr-defined]
+        self.record(server_round)["bytes_down_eval"] = sum(message_bytes(m.content) for m in messages)
+        return messages
+
+    def split_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Count bytes, log failures and record each client; return the usable replies."""
+        rec = self.record(server_round)
+        usable = []
+        for msg in replies:
+            if msg.has_error():
+                rec["failures"] += 1
+                log(WARNING, "round %d: node %d failed: %s", rec["round"],
+                    msg.metadata.src_node_id, msg.error.reason)
+                continue
+            rec["bytes_up"] += message_bytes(msg.content)
+            metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
+            rec["clients"].append(client_entry(metrics))
+            if "arrays" in msg.content.array_records:
+                usable.append(msg)
+        rec["clients"].sort(key=lambda c: c["id"])
+        if len(usable) < self.min_replies:
+            log(WARNING, "round %d: %d usable replies, fewer than federation.min_replies=%d; "
+                "the global adapter is left unchanged", rec["round"], len(usable), self.min_replies)
+            return []
+        log(INFO, "round %d: aggregating %d replies", rec["round"], len(usable))
+        return usable
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        usable = self.split_replies(server_round, list(replies))
+        if not usable:
+            return None, None
+        return super().aggregate_train(server_round, usable)  # type: ignore[misc]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
+        replies = [r for r in replies if not r.has_error()]
+        rec = self.record(server_round)
+        rec["bytes_up_eval"] = sum(message_bytes(r.content) for r in replies)
+        result = super().aggregate_evaluate(server_round, replies) if replies else None  # type: ignore[misc]
+        if result is not None:
+            rec["federated_eval"] = {k: v for k, v in result.items() if k != PARTITION_ID}
+        return result
+
+    # Strategy state beyond the global adapter (none for plain averaging).
+    def state_dict(self) -> dict:
+        return {"kind": type(self).__name__}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != type(self).__name__:
+            raise ValueError(f"strategy state is for {state.get('kind')!r}, "
+                             f"this run uses {type(self).__name__!r}")
+
+
+def client_entry(metrics: MetricRecord) -> dict:
+    entry = {"id": int(metrics.get(PARTITION_ID, -1)), "num_examples": int(metrics.get(NUM_EXAMPLES, 0))}
+    for key, value in metrics.items():
+        if key not in (PARTITION_ID, NUM_EXAMPLES):
+            entry[key.replace("-", "_")] = value
+    return entry
