@@ -82,14 +82,18 @@ def with_run_config(run_config: dict) -> ClientApp:
     wrapped = ClientApp()
     frozen = dict(run_config)
 
+    def with_config(context: Context) -> Context:
+        # Context.run_config is read-only once set; the node's state record is
+        # passed through by reference so that what a handler stores persists.
+        return Context(run_id=context.run_id, node_id=context.node_id,
+                       node_config=context.node_config, state=context.state, run_config=frozen)
+
     @wrapped.train()
     def _train(msg: Message, context: Context) -> Message:
-        context.run_config.update(frozen)
-        return train(msg, context)
+        return train(msg, with_config(context))
 
     @wrapped.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        context.run_config.update(frozen)
-        return evaluate(msg, context)
+        return evaluate(msg, with_config(context))
 
     return wrapped

