@@ -56,9 +56,12 @@ def resolve_config(args) -> tuple[Config, Path]:
             raise UsageError(f"--resume {run}: not a fedcl run folder (no config.toml)")
         allowed = {"federation.rounds", "federation.timeout"}
         changed = set(flags) | {o.partition("=")[0].strip() for o in args.overrides}
-        if args.config or args.data or changed - allowed:
+        given = [flag for flag, value in (("--config", args.config), ("--data", args.data),
+                                          ("--state-dir", args.state_dir), ("--out", args.out)) if value]
+        if given or changed - allowed:
+            refused = ", ".join(given + sorted(changed - allowed))
             raise UsageError("--resume continues a run with its own config; only --rounds and "
-                             f"federation.timeout may change (got {sorted(changed - allowed) or '--config/--data'})")
+                             f"federation.timeout may change (got {refused})")
         config = load_config(run / "config.toml", args.overrides)
         return config.replace(flags, source="flags"), run
     config = load_config(args.config, args.overrides)
@@ -68,8 +71,8 @@ def resolve_config(args) -> tuple[Config, Path]:
         flags["run.state_dir"] = str(Path(args.state_dir).resolve())
     config = config.replace(flags, source="flags") if flags else config
     out = Path(args.out or config.run.out_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"--out {out}: folder exists and is not empty; "
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--out {out}: exists and is not an empty folder; "
                          f"use --resume {out} to continue it, or choose another folder")
     return config.replace({"run.out_dir": str(out.resolve())}, source="--out"), out
 

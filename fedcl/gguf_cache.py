@@ -92,9 +92,14 @@ def ensure_converted(
     gguf_path: str | os.PathLike,
     root: Path | None = None,
     *,
-    convert: Callable[[Path, Path], None] = convert_gguf,
+    convert: Callable[[Path, Path], None] | None = None,
 ) -> Path:
-    """Return the converted folder for `gguf_path`, converting it first if needed."""
+    """Return the converted folder for `gguf_path`, converting it first if needed.
+
+    `convert(source, out_dir)` fills a folder (default `convert_gguf`; tests
+    pass fakes).
+    """
+    convert = convert or convert_gguf
     source = Path(gguf_path).expanduser().resolve()
     target = converted_folder(source, root)
     if is_converted(target):

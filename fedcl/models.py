@@ -134,8 +134,9 @@ def _load_uncached(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]
         return _load_gguf(path)
     if path.is_dir():
         return _load_folder(path)
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
     hint = " (models are never downloaded: save it to a local folder and pass that path)" \
-        if "/" in name and not path.exists() else ""
+        if looks_like_hub_id and not path.exists() else ""
     raise ModelError(f"model.name: got {name!r}, expected {_ACCEPTED}{hint}")
 
 
@@ -150,8 +151,9 @@ def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     model.requires_grad_(False)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    # Recorded by PEFT as base_model_name_or_path: load_base(that) finds it again.
-    model.config._name_or_path = name
+    # PEFT records name_or_path as base_model_name_or_path and, on saving, looks
+    # for its config.json locally and then on the Hub: keep it the absolute
+    # folder the weights came from, or "" (no lookup) for the generated tiny models.
     return model, tokenizer
 
 
@@ -163,6 +165,7 @@ def _load_folder(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
             f"model.name: folder {str(path)!r} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
             "save one there with tokenizer.save_pretrained(folder)"
         )
+    path = path.resolve()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)

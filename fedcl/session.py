@@ -22,8 +22,11 @@ from fedcl.tasks import make_task
 from fedcl.train import TrainResult, evaluate, train_local
 
 
-def configure_threads(config: Config) -> None:
-    threads = config.model.threads or config.federation.client_cpus or (os.cpu_count() or 1)
+def configure_threads(config: Config, *, server: bool = False) -> None:
+    """Torch threads: what the engine gives a client; the server, idle while
+    clients train, evaluates with every core."""
+    cores = os.cpu_count() or 1
+    threads = config.model.threads or (cores if server else min(config.federation.client_cpus, cores))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
@@ -55,8 +58,8 @@ class Shared:
     initial_state: dict
 
     @classmethod
-    def get(cls, config: Config) -> "Shared":
-        configure_threads(config)
+    def get(cls, config: Config, *, server: bool = False) -> "Shared":
+        configure_threads(config, server=server)
         model, tokenizer = _lora_model(config.model, config.lora)
         dataset = _dataset(config.data, config.train.seed)
         task = make_task(config.data.task, tokenizer, dataset.labels, config.data, config.model,
@@ -107,7 +110,7 @@ class GlobalEvaluator:
 
     def __init__(self, config: Config):
         self.config = config
-        self.shared = Shared.get(config)
+        self.shared = Shared.get(config, server=True)
 
     @property
     def initial_state(self) -> dict:

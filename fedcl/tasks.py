@@ -87,7 +87,9 @@ class ClassificationTask:
         self.index = {label: i for i, label in enumerate(self.labels)}
         self.max_length = model.max_length
         self.label_smoothing = train.label_smoothing
-        self.prefix, self.suffix = _split_template(data.classification_template, "{text}")
+        from fedcl.demo_data import classification_template
+
+        self.prefix, self.suffix = _split_template(classification_template(data), "{text}")
         self.prefix_ids = _bos(tokenizer) + _encode_plain(tokenizer, self.prefix)
         self.suffix_ids = _encode_plain(tokenizer, self.suffix)
         self.label_token_ids = self._label_tokens()

@@ -45,10 +45,72 @@ def _checksum(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+def _start_python(code: str, **env: str) -> subprocess.Popen:
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env=full_env, timeout=300, check=True)
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=full_env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+# Work done in other Python processes: a server and its clients, as it were.
+# Each starts with this module (if its test is selected), so the GGUF
+# conversion (30-50 s) and the imports overlap the in-process tests.
+BACKGROUND = {
+    "test_tiny_weights_identical_across_processes": f"""
+        import hashlib
+        from fedcl import models
+        for name in {TINY_NAMES!r}:
+            digest = hashlib.sha256()
+            for key, tensor in sorted(models.load_base(name)[0].state_dict().items()):
+                digest.update(key.encode())
+                digest.update(tensor.detach().contiguous().numpy().tobytes())
+            print(name, digest.hexdigest())
+    """,
+    "test_smollm2_gguf_converted_once": """
+        from fedcl import gguf_cache, models
+        print(gguf_cache.ensure_converted(models._smollm2_path()))
+    """,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background(request, tmp_path_factory):
+    """test name -> (process, its FEDCL_CACHE folder)."""
+    selected = {item.originalname for item in request.session.items}
+    started = {}
+    for name, code in BACKGROUND.items():
+        if name in selected:
+            cache = tmp_path_factory.mktemp("fedcl-cache")
+            started[name] = (_start_python(code, FEDCL_CACHE=str(cache)), cache)
+    yield started
+    for proc, _ in started.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+def _finish(background, name: str) -> tuple[str, str, Path]:
+    proc, cache = background[name]
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    return out, err, cache
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Fail a test whose process tries to connect anywhere (a model hub, say)."""
+    import socket
+
+    attempts = []
+
+    def refuse(sock, address, *args):
+        attempts.append(address)
+        raise OSError(f"test tried to connect to {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: refuse(None, host))
+    yield
+    assert not attempts, f"network access attempted: {attempts}"
 
 
 # -- tiny models -----------------------------------------------------------
@@ -94,23 +156,14 @@ def test_load_base_gives_fresh_modules_sharing_frozen_weights():
     assert any("lora_" in n for n, _ in peft_model.named_modules())
 
 
-def test_tiny_weights_identical_across_processes(monkeypatch):
+def test_tiny_weights_identical_across_processes(background, monkeypatch):
     monkeypatch.setattr(models, "_BASE_CACHE", {})  # build here, not from an earlier test
     torch.manual_seed(12345)  # the caller's RNG state must not matter...
     before = torch.get_rng_state()
     local = {name: _checksum(models.load_base(name)[0]) for name in TINY_NAMES}
     assert torch.equal(before, torch.get_rng_state())  # ...nor be changed
-    out = _run_python(f"""
-        import hashlib
-        from fedcl import models
-        for name in {TINY_NAMES!r}:
-            digest = hashlib.sha256()
-            for key, tensor in sorted(models.load_base(name)[0].state_dict().items()):
-                digest.update(key.encode())
-                digest.update(tensor.detach().contiguous().numpy().tobytes())
-            print(name, digest.hexdigest())
-    """)
-    remote = dict(line.split() for line in out.stdout.strip().splitlines())
+    out, _, _ = _finish(background, "test_tiny_weights_identical_across_processes")
+    remote = dict(line.split() for line in out.strip().splitlines())
     assert remote == local
 
 
@@ -218,7 +271,8 @@ def test_peft_save_and_load_round_trip(tmp_path, name):
     assert not torch.allclose(expected, base_logits)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").is_file()
-    assert model.peft_config["default"].base_model_name_or_path == name
+    # Generated models have no folder: nothing for PEFT to look up on a hub.
+    assert model.peft_config["default"].base_model_name_or_path is None
 
     restored = PeftModel.from_pretrained(models.load_base(name)[0], tmp_path)
     with torch.no_grad():
@@ -354,18 +408,10 @@ def test_two_processes_convert_once(tmp_path):
     assert gguf_cache.is_converted(Path(outputs[0][0].strip()))
 
 
-@pytest.fixture(scope="module")
-def smollm2_cache(tmp_path_factory):
-    """The real SmolLM2 GGUF converted once into a temporary cache (about 40 s)."""
-    root = tmp_path_factory.mktemp("fedcl-cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FEDCL_CACHE", str(root))
-        folder = gguf_cache.ensure_converted(models._smollm2_path())
-    return root, folder
-
-
-def test_smollm2_gguf_converted_once(smollm2_cache, monkeypatch, capfd):
-    root, folder = smollm2_cache
+def test_smollm2_gguf_converted_once(background, monkeypatch, capfd):
+    out, err, root = _finish(background, "test_smollm2_gguf_converted_once")
+    assert err.count("converting SmolLM2-135M-Instruct.Q4_1.gguf") == 1
+    folder = Path(out.strip().splitlines()[-1])
     monkeypatch.setenv("FEDCL_CACHE", str(root))
     assert folder.parent == root / "models" and folder.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
     assert gguf_cache.is_converted(folder) and (folder / "config.json").is_file()
