@@ -12,7 +12,7 @@ import itertools
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.typing import Run
+
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -40,11 +40,11 @@ class InProcessGrid(Grid):
         self.replies: list[Message] = []
         self._ids = itertools.count()
 
-    def set_run(self, run: Run) -> None:  # pragma: no cover - not used in-process
+    def set_run(self, run) -> None:  # pragma: no cover - not used in-process
         pass
 
     @property
-    def run(self) -> Run:  # pragma: no cover
+    def run(self):  # pragma: no cover
         raise NotImplementedError
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:

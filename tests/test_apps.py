@@ -41,8 +41,10 @@ def test_run_writes_metrics_and_peft_adapters(tmp_path):
         assert "majority_baseline" in record["eval"] and "macro_f1" in record["eval"]
         assert [c["id"] for c in record["clients"]] == [0, 1]
         assert all(c["num_examples"] > 0 for c in record["clients"])
-        # bytes are what the messages carried: at least the float32 adapter per client
-        assert record["bytes_down"] >= 2 * metrics["model"]["adapter_bytes"]
+        # bytes are what the messages carried: the float32 adapter per client (round 1's
+        # all-zero B factors are identical objects, which Flower's object tree holds once)
+        down_floor = (2 if record["round"] > 1 else 1) * metrics["model"]["adapter_bytes"]
+        assert record["bytes_down"] >= down_floor
         assert record["bytes_up"] >= 2 * metrics["model"]["adapter_bytes"]
     train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert metrics["rounds"][0]["bytes_down"] == sum(message_bytes(m.content) for m in train_msgs[:2])
