@@ -1,0 +1,134 @@
+"""Tasks, local training, evaluation and metrics on a tiny model, in-process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedcl import metrics
+from fedcl.config import load_config
+from fedcl.models import build_lora_model
+from fedcl.tasks import ClassificationTask, InstructionTask, TaskError, make_task
+from fedcl.train import evaluate, predict, sample_batches, train_local
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = load_config(None, ["model.name=tiny-llama", "model.max_length=32"])
+    model, tokenizer = build_lora_model(config.model, config.lora)
+    return config, model, tokenizer
+
+
+def records(n, labels=("yes", "no")):
+    return [{"text": f"record number {i} " + ("good " * (i % 5)), "label": labels[i % len(labels)],
+             "meta": {}} for i in range(n)]
+
+
+def test_classification_encoding_keeps_prompt_suffix_and_labels(tiny):
+    config, model, tokenizer = tiny
+    task = make_task("classification", tokenizer, ["no", "yes"], config.data, config.model, config.train)
+    batch = task.encode([{"text": "word " * 200, "label": "yes"}, {"text": "short", "label": "no"}])
+    assert batch.input_ids.shape[1] <= config.model.max_length
+    # left padding: the last position of every row is the template's final token
+    assert (batch.input_ids[:, -1] == task.suffix_ids[-1]).all()
+    assert batch.attention_mask[1, 0] == 0 and batch.attention_mask[:, -1].all()
+    assert batch.targets.tolist() == [1, 0]
+    assert len(set(task.label_token_ids)) == 2
+
+
+def test_classification_logits_use_the_label_rows_of_the_lm_head(tiny):
+    config, model, tokenizer = tiny
+    task = ClassificationTask(tokenizer, ["no", "yes"], config.data, config.model, config.train)
+    batch = task.encode(records(3))
+    with torch.no_grad():
+        full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, -1, :]
+        mine = task.logits(model, batch)
+    assert torch.allclose(mine, full[:, task.label_token_ids], atol=1e-4)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (["only"], "at least 2 labels"),
+    (["yes", "yes please"], "same token"),
+])
+def test_bad_label_sets_are_refused(tiny, labels, message):
+    config, _, tokenizer = tiny
+    with pytest.raises(TaskError, match=message):
+        ClassificationTask(tokenizer, labels, config.data, config.model, config.train)
+
+
+def test_unknown_label_in_a_batch_names_it(tiny):
+    config, _, tokenizer = tiny
+    task = ClassificationTask(tokenizer, ["no", "yes"], config.data, config.model, config.train)
+    with pytest.raises(TaskError, match="'maybe'"):
+        task.encode([{"text": "x", "label": "maybe"}])
+
+
+def test_instruction_loss_covers_only_answer_tokens(tiny):
+    config, model, tokenizer = tiny
+    cfg = load_config(None, ["model.name=tiny-llama", "model.max_length=32", "data.task=instruction",
+                             "data.dataset=headlines"])
+    task = InstructionTask(tokenizer, cfg.data, cfg.model)
+    batch = task.encode([{"prompt": "Say hi", "response": "hi there"},
+                         {"prompt": "A much longer prompt " * 10, "response": "ok"}])
+    answer = tokenizer("hi there", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    row = batch.targets[0]
+    assert row[row != -100].tolist() == answer
+    assert batch.input_ids.shape[1] <= cfg.model.max_length
+    assert task.token_counts(batch).tolist() == [len(answer) - 0, 2]
+    losses = task.per_example_loss(model, batch)
+    assert losses.shape == (2,) and torch.isfinite(losses).all()
+    # changing a prompt token leaves the target set unchanged, changing the answer does not
+    other = task.encode([{"prompt": "Say yo", "response": "hi there"}])
+    assert other.targets[0][other.targets[0] != -100].tolist() == answer
+
+
+def test_sample_batches_are_seeded_epochs():
+    data = list(range(10))
+    a = list(sample_batches(data, 4, 5, seed=1))
+    assert a == list(sample_batches(data, 4, 5, seed=1))
+    assert a != list(sample_batches(data, 4, 5, seed=2))
+    flat = [x for batch in a for x in batch]
+    assert sorted(flat[:10]) == data  # the first epoch covers every record once
+
+
+def test_local_training_lowers_the_loss_and_changes_only_the_adapter(tiny):
+    config, model, tokenizer = tiny
+    cfg = config.replace({"train.lr": 0.01, "train.local_steps": 15, "train.batch_size": 4})
+    task = make_task("classification", tokenizer, ["no", "yes"], cfg.data, cfg.model, cfg.train)
+    data = records(16)
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = evaluate(model, task, data, cfg.train, cfg.model)["loss"]
+    result = train_local(model, task, data, cfg.train, cfg.model, seed=0)
+    after = evaluate(model, task, data, cfg.train, cfg.model)["loss"]
+    assert result.steps == 15 and result.examples == 60 and result.tokens > 0
+    assert after < before
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_binary_threshold_moves_the_decision(tiny):
+    config, _, tokenizer = tiny
+    task = ClassificationTask(tokenizer, ["bad", "good"], config.data, config.model, config.train)
+    probs = torch.tensor([[0.45, 0.55], [0.35, 0.65], [0.7, 0.3]])
+    default = config.train
+    assert predict(task, probs, default) == [1, 1, 0]
+    flag_bad = default.__class__(**{**default.__dict__, "positive_label": "bad", "threshold": 0.4})
+    assert predict(task, probs, flag_bad) == [0, 1, 0]
+
+
+def test_classification_report_worked_example():
+    y_true = [0, 0, 0, 1, 1, 2]
+    y_pred = [0, 0, 1, 1, 0, 0]
+    report = metrics.classification_report(y_true, y_pred, ["a", "b", "c"])
+    assert report["accuracy"] == pytest.approx(3 / 6)
+    assert report["majority_baseline"] == pytest.approx(3 / 6)
+    a, b, c = (report["per_class"][k] for k in "abc")
+    assert (a["precision"], a["recall"]) == (pytest.approx(2 / 4), pytest.approx(2 / 3))
+    assert (b["precision"], b["recall"]) == (pytest.approx(1 / 2), pytest.approx(1 / 2))
+    assert (c["precision"], c["recall"]) == (0.0, 0.0)
+    f1_a, f1_b = 2 * (0.5 * 2 / 3) / (0.5 + 2 / 3), 0.5
+    assert report["macro_f1"] == pytest.approx((f1_a + f1_b + 0.0) / 3)
+
+
+def test_language_model_report():
+    r = metrics.language_model_report(total_loss=20.0, total_tokens=10, num_examples=3)
+    assert r["loss"] == 2.0 and r["perplexity"] == pytest.approx(7.389, abs=1e-3)
