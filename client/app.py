@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import fedcl  # noqa: F401  (sets offline defaults before flwr loads)
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedcl.config import from_run_config
+from fedcl.privacy import STATUS_BUDGET_EXHAUSTED, client_privacy, state_dir_for
 from fedcl.session import local_session
-from strategies.base import NUM_EXAMPLES, PARTITION_ID
-from strategies.wire import arrays_to_state, state_to_arrays
+from strategies.base import EPSILON, NUM_EXAMPLES, PARTITION_ID, STATUS
+from strategies.wire import arrays_to_state, encode_reply
 
 logger = logging.getLogger("fedcl.client")
 app = ClientApp()
@@ -31,8 +33,8 @@ def _session(context: Context):
     data_file = node.get("data-file")
     if data_file:  # a deployed institution's own file
         config = dataclasses.replace(config, data=dataclasses.replace(
-            config.data, path=str(data_file), dataset=""))
-        return local_session(config, int(node.get("partition-id", 0)), 1)
+            config.data, path=str(data_file), dataset="", test_path=""))
+        return local_session(config, int(node.get("partition-id", 0)), 1, share=0)
     return local_session(config, int(node["partition-id"]), int(node["num-partitions"]))
 
 
@@ -41,23 +43,54 @@ def _round(msg: Message) -> int:
     return int(config.get("server-round", 0))
 
 
+def _privacy(session, context: Context):
+    """The client's DP guard (sample-level DP on), else None."""
+    cfg = session.config
+    if not (cfg.privacy.enabled and cfg.privacy.mode == "sample"):
+        return None
+    state_dir = state_dir_for(cfg, session.client_id, str(context.node_config.get("state-dir", "")))
+    return client_privacy(cfg, session.client_id, len(session.train_records), state_dir)
+
+
+def _refusal(msg: Message, session, server_round: int, verdict) -> Message:
+    """Budget exhausted: no training, no arrays; metrics say why."""
+    logger.warning("client %d | round %d | refused: %s", session.client_id, server_round, verdict.reason)
+    print(f"client {session.client_id} | round {server_round} | refused | {verdict.reason}", flush=True)
+    metrics = MetricRecord({NUM_EXAMPLES: 0, PARTITION_ID: session.client_id,
+                            STATUS: STATUS_BUDGET_EXHAUSTED, EPSILON: verdict.epsilon,
+                            "epsilon-next": verdict.epsilon_after})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     session = _session(context)
     server_round = _round(msg)
     state = arrays_to_state(msg.content.array_records["arrays"])
-    new_state, result = session.train(state, server_round)
-    logger.info("client %d | round %d | loss %.4f | steps %d | %.1f s", session.client_id,
-                server_round, result.loss, result.steps, result.seconds)
+    guard = _privacy(session, context)
+    if guard is not None:
+        verdict = guard.check()
+        if not verdict.allowed:
+            return _refusal(msg, session, server_round, verdict)
+    new_state, result = session.train(state, server_round, dp_plan=guard.plan if guard else None)
+    dp = {}
+    if guard is not None:  # charged before the reply leaves the node
+        eps = guard.charge(run=session.config.run.out_dir, server_round=server_round, steps=result.steps)
+        dp = {EPSILON: eps, "noise-multiplier": guard.plan.noise_multiplier,
+              "sample-rate": guard.plan.sample_rate}
+    eps_text = f" | eps {dp[EPSILON]:.2f}" if dp else ""
+    logger.info("client %d | round %d | loss %.4f | steps %d | %.1f s%s", session.client_id,
+                server_round, result.loss, result.steps, result.seconds, eps_text)
     print(f"client {session.client_id} | round {server_round} | loss {result.loss:.4f} "
-          f"| steps {result.steps} | {result.seconds:.1f} s", flush=True)
+          f"| steps {result.steps} | {result.seconds:.1f} s{eps_text}", flush=True)
     metrics = MetricRecord({
         NUM_EXAMPLES: len(session.train_records), PARTITION_ID: session.client_id,
         "train-loss": result.loss, "train-steps": result.steps,
         "train-examples": result.examples, "train-tokens": result.tokens,
-        "train-seconds": result.seconds,
+        "train-seconds": result.seconds, **dp,
     })
-    content = RecordDict({"arrays": state_to_arrays(new_state), "metrics": metrics})
+    arrays = encode_reply(new_state, session.update_start(state), session.config.strategy.transport)
+    content = RecordDict({"arrays": arrays, "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 
@@ -65,8 +98,10 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     session = _session(context)
     state = arrays_to_state(msg.content.array_records["arrays"])
+    started = time.perf_counter()
     result = session.evaluate(state)
-    figures = {k: float(v) for k, v in result.items()
+    result["eval_seconds"] = time.perf_counter() - started
+    figures = {k.replace("_", "-") if k == "eval_seconds" else k: float(v) for k, v in result.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "num_examples"}
     metrics = MetricRecord({**figures, NUM_EXAMPLES: len(session.eval_records),
                             PARTITION_ID: session.client_id})

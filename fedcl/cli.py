@@ -1,4 +1,4 @@
-"""The `fedcl` command line: simulate, report.
+"""The `fedcl` command line: simulate, report, privacy.
 
 Every command checks its inputs before it writes anything: a bad config key,
 model name or data file ends the command with a message naming it, exit
@@ -89,6 +89,14 @@ def preflight(config: Config) -> None:
         if not train:
             raise UsageError(f"client {client} gets no training records; use fewer clients "
                              "or another data.partition")
+        if config.privacy.enabled and config.privacy.mode == "sample":
+            from fedcl.privacy import plan_for
+
+            try:  # delta vs 1/N and the budget vs one step, per client, before any write
+                plan_for(config.privacy, num_records=len(train), batch_size=config.train.batch_size,
+                         local_steps=config.train.local_steps, rounds=config.federation.rounds)
+            except ConfigError as err:
+                raise ConfigError(f"client {client}: {err}") from None
 
 
 def cmd_simulate(args) -> int:
@@ -122,6 +130,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_privacy(args) -> int:
+    from fedcl.privacy.report import find_ledgers, format_ledger
+
+    root = Path(args.state_dir)
+    try:
+        paths = find_ledgers(root)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
+    print("\n\n".join(format_ledger(path, root) for path in paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedcl", description=fedcl.__doc__)
     parser.add_argument("--version", action="version", version=f"fedcl {fedcl.__version__}")
@@ -129,10 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulate(sub)
     rep = sub.add_parser("report", help="draw a run's curves as PNG files")
     rep.add_argument("run_dir", metavar="RUN_DIR")
+    priv = sub.add_parser("privacy", help="print the privacy ledgers found under a state folder")
+    priv.add_argument("state_dir", metavar="STATE_DIR")
     return parser
 
 
-COMMANDS = {"simulate": cmd_simulate, "report": cmd_report}
+COMMANDS = {"simulate": cmd_simulate, "report": cmd_report, "privacy": cmd_privacy}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -189,15 +189,114 @@ class FederationConfig:
         return self.clients_per_round or self.clients
 
 
-STRATEGY_NAMES = ("fedavg",)
+STRATEGY_NAMES = ("fedavg", "ffa-lora", "flora", "fedprox", "fedadam", "fedyogi", "fedavgm",
+                  "median", "trimmed-mean", "krum")
+TransportKind = Literal["float16", "float32", "int8"]
+# How the global adapter maps onto a node's model (see fedcl/layouts.py):
+# ffa-lora freezes lora_A at its seeded init; flora ships a merged residual.
+ADAPTER_LAYOUTS = {"ffa-lora": "frozen-a", "flora": "residual"}
 
 
 @dataclass(frozen=True)
 class StrategyConfig:
     name: str = "fedavg"
+    # Wire format of adapters. float16 halves traffic; updates (not weights)
+    # travel up, so the rounding error is relative to the small update.
+    # int8 quantises the update with one scale per tensor.
+    transport: TransportKind = "float16"
+    # fedprox: weight of the client's proximal term mu/2 ||w - w_global||^2.
+    proximal_mu: float = 0.01
+    # fedadam/fedyogi server step; Flower's 0.1 moves LoRA factors far more
+    # than a round of local training does, so the default is small.
+    server_lr: float = 1e-3
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    # fedavgm: server SGD step and momentum on the averaged update.
+    momentum_lr: float = 1.0
+    momentum: float = 0.9
+    # trimmed-mean: fraction cut at each end, per coordinate.
+    trim_fraction: float = 0.2
+    # krum: assumed malicious clients, and how many replies to average (1: Krum).
+    num_malicious: int = 1
+    krum_keep: int = 1
+    # Reply screening: largest accepted L2 norm of a client's update (0: off)
+    # and largest accepted example count (0: only "no more than first reported").
+    max_update_norm: float = 0.0
+    max_examples: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("strategy.name", self.name, STRATEGY_NAMES)
+        _check_choice("strategy.transport", self.transport, get_args(TransportKind))
+        for key in ("proximal_mu", "max_update_norm"):
+            value = getattr(self, key)
+            _check(value >= 0 and math.isfinite(value), f"strategy.{key}", value, "0 (off) or a positive number")
+        for key in ("server_lr", "tau", "momentum_lr"):
+            value = getattr(self, key)
+            _check(value > 0 and math.isfinite(value), f"strategy.{key}", value, "a positive number")
+        for key in ("beta_1", "beta_2", "momentum"):
+            _check(0.0 <= getattr(self, key) < 1.0, f"strategy.{key}", getattr(self, key), "a float in [0, 1)")
+        _check(0.0 <= self.trim_fraction < 0.5, "strategy.trim_fraction", self.trim_fraction,
+               "a float in [0, 0.5)")
+        _check(self.num_malicious >= 0, "strategy.num_malicious", self.num_malicious, "0 or a positive integer")
+        _check(self.krum_keep >= 1, "strategy.krum_keep", self.krum_keep, "a positive integer")
+        _check(self.max_examples >= 0, "strategy.max_examples", self.max_examples, "0 (off) or a positive integer")
+
+    @property
+    def adapter_layout(self) -> str:
+        return ADAPTER_LAYOUTS.get(self.name, "lora")
+
+    @property
+    def client_proximal_mu(self) -> float:
+        """The proximal weight clients apply: only fedprox has one."""
+        return self.proximal_mu if self.name == "fedprox" else 0.0
+
+
+PrivacyMode = Literal["sample", "client"]
+AccountantKind = Literal["rdp", "prv"]
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    # DP is on when noise_multiplier > 0 or target_epsilon > 0 (give one, not
+    # both); `mode` says whom it protects: "sample" runs DP-SGD on each client
+    # (every training record, a lifetime ledger per node), "client" adds noise
+    # on the server over whole client updates (who took part).
+    mode: PrivacyMode = "sample"
+    noise_multiplier: float = 0.0
+    # Epsilon for the whole planned schedule (all local steps of all
+    # federation.rounds); the noise is calibrated once, up front, to reach it.
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    # Per-sample (mode "sample") or per-client-update (mode "client") L2 clip.
+    max_grad_norm: float = 1.0
+    # Lifetime cap on a node's ledger across rounds, resumes and runs
+    # (0: target_epsilon is the cap; no cap when only noise_multiplier is set).
+    budget_epsilon: float = 0.0
+    accountant: AccountantKind = "rdp"
+
+    def __post_init__(self) -> None:
+        _check_choice("privacy.mode", self.mode, get_args(PrivacyMode))
+        _check_choice("privacy.accountant", self.accountant, get_args(AccountantKind))
+        for key in ("noise_multiplier", "target_epsilon", "budget_epsilon"):
+            value = getattr(self, key)
+            _check(value >= 0 and math.isfinite(value), f"privacy.{key}", value, "0 (off) or a positive number")
+        _check(not (self.noise_multiplier > 0 and self.target_epsilon > 0), "privacy.noise_multiplier",
+               self.noise_multiplier, "0 when privacy.target_epsilon is set (give one of the two)")
+        _check(0.0 < self.delta < 1.0, "privacy.delta", self.delta, "a float in (0, 1), well below 1/records")
+        _check(self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm), "privacy.max_grad_norm",
+               self.max_grad_norm, "a positive number")
+        _check(self.budget_epsilon == 0 or self.enabled, "privacy.budget_epsilon", self.budget_epsilon,
+               "0 unless privacy.target_epsilon or privacy.noise_multiplier turns DP on")
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0 or self.target_epsilon > 0
+
+    @property
+    def epsilon_cap(self) -> float:
+        """The most a node's ledger may reach: the budget, else the target, else no cap."""
+        return self.budget_epsilon or self.target_epsilon or math.inf
 
 
 @dataclass(frozen=True)
@@ -217,6 +316,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     # -- conversions -------------------------------------------------------

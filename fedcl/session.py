@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fedcl import adapters, data, models
+from fedcl import adapters, data, layouts, models
 from fedcl.config import Config
+from fedcl.regularizers import proximal_term
 from fedcl.tasks import make_task
 from fedcl.train import TrainResult, evaluate, train_local
 
@@ -32,8 +33,12 @@ def configure_threads(config: Config, *, server: bool = False) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _lora_model(model_cfg, lora_cfg):
-    return models.build_lora_model(model_cfg, lora_cfg)
+def _lora_model(model_cfg, lora_cfg, layout: str = "lora"):
+    # The layout is part of the key: ffa-lora freezes lora_A and flora folds a
+    # residual into base weights, neither of which another strategy may see.
+    model, tokenizer = models.build_lora_model(model_cfg, lora_cfg)
+    layouts.get_layout(layout).prepare(model)
+    return model, tokenizer
 
 
 @functools.lru_cache(maxsize=4)
@@ -60,7 +65,7 @@ class Shared:
     @classmethod
     def get(cls, config: Config, *, server: bool = False) -> "Shared":
         configure_threads(config, server=server)
-        model, tokenizer = _lora_model(config.model, config.lora)
+        model, tokenizer = _lora_model(config.model, config.lora, config.strategy.adapter_layout)
         dataset = _dataset(config.data, config.train.seed)
         task = make_task(config.data.task, tokenizer, dataset.labels, config.data, config.model,
                          config.train)
@@ -68,39 +73,65 @@ class Shared:
 
 
 @functools.lru_cache(maxsize=4)
-def _initial_state_cached(model_cfg, lora_cfg):
-    model, _ = _lora_model(model_cfg, lora_cfg)
+def _initial_state_cached(model_cfg, lora_cfg, layout: str):
+    model, _ = _lora_model(model_cfg, lora_cfg, layout)
     return adapters.adapter_state(model)
 
 
 def _initial_state(config: Config) -> dict:
-    return _initial_state_cached(config.model, config.lora)
+    return _initial_state_cached(config.model, config.lora, config.strategy.adapter_layout)
 
 
 class LocalSession:
     """One client's view: its share of the data and the shared model."""
 
-    def __init__(self, config: Config, client_id: int, num_clients: int):
+    def __init__(self, config: Config, client_id: int, num_clients: int, *, share: int | None = None):
+        # `share`: which of the `num_clients` shares of the data to hold (default: the
+        # client's id); a deployed node with its own file holds share 0 of 1 whatever its id.
         self.config = config
         self.client_id = client_id
         self.shared = Shared.get(config)
         self.train_records, self.eval_records = data.client_split(
-            config.data, self.shared.dataset, client_id, num_clients, config.train.seed)
+            config.data, self.shared.dataset, client_id if share is None else share, num_clients,
+            config.train.seed)
 
     @property
     def model(self):
         return self.shared.model
 
-    def train(self, state: dict, server_round: int, progress=None) -> tuple[dict, TrainResult]:
-        """Train from the global `state`; return the new adapter state and what it cost."""
-        adapters.load_adapter_state(self.model, state, source="global adapter from the server")
+    def train(self, state: dict, server_round: int, progress=None, *,
+              dp_plan=None) -> tuple[dict, TrainResult]:
+        """Train from the global `state`; return the new adapter state and what it cost.
+
+        With a `dp_plan` (`fedcl.privacy.plan_for`) the round is DP-SGD.
+        """
+        start = self.load_global(state)
+        if dp_plan is not None:
+            from fedcl.privacy.dpsgd import train_private
+
+            result = train_private(self.model, self.shared.task, self.train_records,
+                                   self.config.train, self.config.model, dp_plan, progress=progress)
+            return adapters.adapter_state(self.model), result
+        mu = self.config.strategy.client_proximal_mu
         result = train_local(self.model, self.shared.task, self.train_records, self.config.train,
                              self.config.model, seed=round_seed(self.config.train.seed, server_round,
-                                                                self.client_id), progress=progress)
+                                                                self.client_id), progress=progress,
+                             extra_loss=proximal_term(start, mu=mu) if mu > 0 else None)
         return adapters.adapter_state(self.model), result
 
+    def load_global(self, state: dict) -> dict:
+        """Load the server's global state; return the trainable state training starts
+        from (what this client's update is measured against)."""
+        return layouts.get_layout(self.config.strategy.adapter_layout).load(
+            self.model, state, self.shared.initial_state, source="global adapter from the server")
+
+    def update_start(self, state: dict) -> dict:
+        """What this client's reply to the global `state` is measured against."""
+        return layouts.get_layout(self.config.strategy.adapter_layout).update_start(
+            state, self.shared.initial_state)
+
     def evaluate(self, state: dict) -> dict:
-        adapters.load_adapter_state(self.model, state, source="global adapter from the server")
+        self.load_global(state)
         return evaluate(self.model, self.shared.task, self.eval_records, self.config.train,
                         self.config.model)
 
@@ -113,21 +144,31 @@ class GlobalEvaluator:
         self.shared = Shared.get(config, server=True)
 
     @property
+    def layout(self) -> layouts.LoraLayout:
+        return layouts.get_layout(self.config.strategy.adapter_layout)
+
+    @property
     def initial_state(self) -> dict:
-        return self.shared.initial_state
+        """The global state before round 1 (for most strategies the seeded adapter)."""
+        return self.layout.initial_global(self.shared.initial_state)
 
     def evaluate(self, state: dict) -> dict:
-        adapters.load_adapter_state(self.shared.model, state, source="global adapter")
+        self.layout.load(self.shared.model, state, self.shared.initial_state, source="global adapter")
         return evaluate(self.shared.model, self.shared.task, self.shared.dataset.test,
                         self.config.train, self.config.model)
 
     def save(self, state: dict, target) -> None:
-        adapters.save_adapter(self.shared.model, state, target)
+        self.layout.save(self.shared.model, state, target)
+
+    def load_saved(self, source) -> dict:
+        """The global state saved by `save` in folder `source`."""
+        return self.layout.read(self.shared.model, source)
 
     def base_bytes(self) -> int:
         return models.base_model_bytes(self.shared.model)
 
 
 @functools.lru_cache(maxsize=64)
-def local_session(config: Config, client_id: int, num_clients: int) -> LocalSession:
-    return LocalSession(config, client_id, num_clients)
+def local_session(config: Config, client_id: int, num_clients: int, *,
+                  share: int | None = None) -> LocalSession:
+    return LocalSession(config, client_id, num_clients, share=share)

@@ -9,6 +9,7 @@ its last checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -17,6 +18,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedcl.config import ConfigError, from_run_config
+from fedcl.privacy import report as privacy_report
 from fedcl.progress import RoundProgress
 from fedcl.session import GlobalEvaluator
 from server.checkpoint import RunDir
@@ -42,6 +44,8 @@ def main(grid: Grid, context: Context) -> None:
         "name": config.model.name, "base_bytes": evaluator.base_bytes(),
         "adapter_bytes": sum(t.numel() * 4 for t in evaluator.initial_state.values()),
     })
+    if config.privacy.enabled:
+        metrics["privacy"] = {**metrics.get("privacy", {}), **privacy_report.run_section(config)}
     done = run_dir.completed_rounds()
     remaining = config.federation.rounds - done
     if remaining <= 0:
@@ -51,7 +55,9 @@ def main(grid: Grid, context: Context) -> None:
     if done:
         state = _load_round(evaluator, run_dir, done)
         logger.info("resuming %s after round %d", run_dir.path, done)
-    strategy = build_strategy(config, round_offset=done)
+    strategy = build_strategy(config, round_offset=done, reply_template=evaluator.shared.initial_state)
+    if done and run_dir.strategy_state_file.exists():  # moments, momentum: resume exactly
+        strategy.load_state_dict(json.loads(run_dir.strategy_state_file.read_text(encoding="utf-8")))
     progress = RoundProgress(config.federation.rounds, done)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -67,7 +73,11 @@ def main(grid: Grid, context: Context) -> None:
         evaluator.save(state, run_dir.adapter_dir(run_round))
         record = strategy.records.pop(run_round, {"round": run_round})
         record["eval"] = result
+        if "privacy" in metrics:
+            privacy_report.note_clients(metrics["privacy"], record.get("clients", []))
         record["server_eval_seconds"] = time.perf_counter() - started
+        if "started_at" in record:
+            record["round_seconds"] = time.time() - record.pop("started_at")
         metrics["rounds"].append(record)
         run_dir.commit_round(metrics, run_round, strategy.state_dict())
         progress.round_done(record)
@@ -80,15 +90,4 @@ def main(grid: Grid, context: Context) -> None:
 
 def _load_round(evaluator: GlobalEvaluator, run_dir: RunDir, server_round: int) -> dict:
     """The global adapter state saved after `server_round`, in the evaluator's naming."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from fedcl.adapters import adapter_state, load_adapter_state
-
-    path = run_dir.adapter_dir(server_round) / "adapter_model.safetensors"
-    model = evaluator.shared.model
-    before = adapter_state(model)
-    set_peft_model_state_dict(model, load_file(str(path)))
-    state = adapter_state(model)
-    load_adapter_state(model, before)
-    return state
+    return evaluator.load_saved(run_dir.adapter_dir(server_round))

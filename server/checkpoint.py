@@ -59,6 +59,10 @@ class RunDir:
     def checkpoint_file(self) -> Path:
         return self.path / "checkpoint.json"
 
+    @property
+    def strategy_state_file(self) -> Path:
+        return self.path / "strategy_state.json"
+
     def adapter_dir(self, server_round: int) -> Path:
         return self.path / "adapters" / f"round-{server_round}"
 

@@ -1,17 +1,34 @@
-"""Aggregation strategies on Flower's strategy interface, selectable by name."""
+"""Aggregation strategies on Flower's strategy interface, selectable by name.
+
+Every builder takes the run's config and returns a `LoraStrategy` (round
+bookkeeping, transport encoding, reply screening) over a Flower strategy.
+`reply_template` is the clients' trainable adapter state at its seeded init:
+what a reply must look like.
+"""
 
 from __future__ import annotations
 
-from strategies import fedavg
+from strategies import fedavg, fedopt, flora, robust
 
-BUILDERS = {"fedavg": fedavg.build}
+BUILDERS = {
+    "fedavg": fedavg.build,
+    "ffa-lora": fedavg.build_ffa_lora,
+    "flora": flora.build_flora,
+    "fedprox": fedavg.build_fedprox,
+    "fedadam": fedopt.build_fedadam,
+    "fedyogi": fedopt.build_fedyogi,
+    "fedavgm": fedopt.build_fedavgm,
+    "median": robust.build_median,
+    "trimmed-mean": robust.build_trimmed_mean,
+    "krum": robust.build_krum,
+}
 
 
-def build_strategy(config, *, round_offset: int = 0):
+def build_strategy(config, *, round_offset: int = 0, reply_template: dict | None = None):
     """The strategy named by `config.strategy.name`, resumed at `round_offset`."""
     try:
         builder = BUILDERS[config.strategy.name]
     except KeyError:
         raise ValueError(f"strategy.name: got {config.strategy.name!r}, expected one of "
                          f"{', '.join(BUILDERS)}") from None
-    return builder(config, round_offset=round_offset)
+    return builder(config, round_offset=round_offset, reply_template=reply_template)

@@ -15,6 +15,7 @@ so that the ServerApp can write one complete record per round.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
@@ -27,6 +28,10 @@ from strategies.wire import message_bytes
 # Keys of the clients' reply MetricRecords, shared with the ClientApp.
 NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
+# Sample-level DP: the client's lifetime epsilon, and a reply's status (0: trained;
+# otherwise the client did not train and sent no arrays, e.g. 1: privacy budget spent).
+EPSILON = "epsilon"
+STATUS = "status"
 
 
 class RoundBookkeeping:
@@ -46,7 +51,7 @@ class RoundBookkeeping:
     def record(self, server_round: int) -> dict:
         return self.records.setdefault(self.run_round(server_round), {
             "round": self.run_round(server_round), "bytes_down": 0, "bytes_up": 0,
-            "clients": [], "failures": 0, "rejected": 0,
+            "clients": [], "failures": 0, "rejected": 0, "refused": 0,
         })
 
     def _sample(self, grid: Grid, server_round: int) -> list[int]:
@@ -59,12 +64,15 @@ class RoundBookkeeping:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        # Round wall time starts here; the ServerApp closes it after its evaluation.
+        self.record(server_round)["started_at"] = time.time()
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         chosen = set(self._sample(grid, server_round))
         messages = [m for m in messages if m.metadata.dst_node_id in chosen]
         run_round = self.run_round(server_round)
         for m in messages:
             m.content.config_records[self.configrecord_key]["server-round"] = run_round  # type: ignore[attr-defined]
+        self.before_send(messages, train=True)
         self.record(server_round)["bytes_down"] += sum(message_bytes(m.content) for m in messages)
         return messages
 
@@ -73,6 +81,7 @@ class RoundBookkeeping:
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
         for m in messages:
             m.content.config_records[self.configrecord_key]["server-round"] = self.run_round(server_round)  # type: ignore[attr-defined]
+        self.before_send(messages, train=False)
         self.record(server_round)["bytes_down_eval"] = sum(message_bytes(m.content) for m in messages)
         return messages
 
@@ -90,7 +99,14 @@ class RoundBookkeeping:
             metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
             rec["clients"].append(client_entry(metrics))
             if "arrays" in msg.content.array_records:
-                usable.append(msg)
+                screened = self.screen_reply(msg, rec)
+                if screened is not None:
+                    usable.append(screened)
+            elif int(metrics.get(STATUS, 0)) != 0:
+                rec["refused"] += 1
+                log(WARNING, "round %d: client %d refused to train (status %d, epsilon %.3f)",
+                    rec["round"], int(metrics.get(PARTITION_ID, -1)), int(metrics[STATUS]),
+                    float(metrics.get(EPSILON, float("nan"))))
         rec["clients"].sort(key=lambda c: c["id"])
         if len(usable) < self.min_replies:
             log(WARNING, "round %d: %d usable replies, fewer than federation.min_replies=%d; "
@@ -109,10 +125,21 @@ class RoundBookkeeping:
         replies = [r for r in replies if not r.has_error()]
         rec = self.record(server_round)
         rec["bytes_up_eval"] = sum(message_bytes(r.content) for r in replies)
+        seconds = [float(m.get("eval-seconds", 0.0)) for r in replies
+                   for m in r.content.metric_records.values()]
+        rec["client_eval_seconds_max"] = max(seconds, default=0.0)
         result = super().aggregate_evaluate(server_round, replies) if replies else None  # type: ignore[misc]
         if result is not None:
             rec["federated_eval"] = {k: v for k, v in result.items() if k != PARTITION_ID}
         return result
+
+    # Hooks for subclasses (see strategies/lora.py): encode what is sent before
+    # its bytes are counted; check and decode a reply, or return None to reject it.
+    def before_send(self, messages: list[Message], *, train: bool) -> None:
+        pass
+
+    def screen_reply(self, msg: Message, rec: dict) -> Message | None:
+        return msg
 
     # Strategy state beyond the global adapter (none for plain averaging).
     def state_dict(self) -> dict:

@@ -1,31 +1,44 @@
-"""FedAvg over the LoRA factors, weighted by examples: the common baseline.
+"""FedAvg over the LoRA factors, weighted by examples, and its two close relatives.
 
-Each factor (A and B of every adapted layer) is averaged on its own. This is
-what most federated LLM frameworks do; it is not the average of the clients'
-updates B_i A_i, because mean(B) mean(A) != mean(B A).
+- ``fedavg``: each factor (A and B of every adapted layer) is averaged on its
+  own. This is what most federated LLM frameworks do; it is not the average of
+  the clients' updates B_i A_i, because mean(B) mean(A) != mean(B A).
+- ``ffa-lora``: the same averaging, but every node freezes lora_A at the shared
+  seeded init (`fedcl.layouts.FrozenALayout`), so only B trains and travels and
+  mean(B_i) A = mean(B_i A): exact, at about half the traffic.
+- ``fedprox``: FedAvg on the server; each client adds mu/2 ||w - w_global||^2
+  to its loss (`fedcl.regularizers.proximal_term`, `strategy.proximal_mu`).
 """
 
 from __future__ import annotations
 
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedProx
 
-from strategies.base import NUM_EXAMPLES, RoundBookkeeping
-
-
-class LoraFedAvg(RoundBookkeeping, FedAvg):
-    """Flower's FedAvg with fedcl's round bookkeeping."""
+from strategies.lora import LoraStrategy, finish, flower_kwargs
 
 
-def build(config, *, round_offset: int = 0) -> LoraFedAvg:
-    fed = config.federation
-    strategy = LoraFedAvg(
-        fraction_train=1.0,  # sampling is done by RoundBookkeeping, from the run seed
-        fraction_evaluate=1.0,
-        min_train_nodes=fed.clients,
-        min_evaluate_nodes=fed.clients,
-        min_available_nodes=fed.clients,
-        weighted_by_key=NUM_EXAMPLES,
-    )
-    strategy.setup_bookkeeping(seed=config.train.seed, clients_per_round=fed.clients_per_round,
-                               round_offset=round_offset, min_replies=fed.min_replies)
-    return strategy
+class LoraFedAvg(LoraStrategy, FedAvg):
+    """Flower's FedAvg with fedcl's bookkeeping, transport and screening."""
+
+
+class FfaLora(LoraStrategy, FedAvg):
+    """FedAvg over lora_B only; lora_A never leaves its seeded init."""
+
+
+class LoraFedProx(LoraStrategy, FedProx):
+    """Flower's FedProx (it also tells clients `proximal-mu` in the round config)."""
+
+
+def build(config, *, round_offset: int = 0, reply_template: dict | None = None) -> LoraFedAvg:
+    return finish(LoraFedAvg(**flower_kwargs(config)), config, round_offset=round_offset,
+                  reply_template=reply_template)
+
+
+def build_ffa_lora(config, *, round_offset: int = 0, reply_template: dict | None = None) -> FfaLora:
+    return finish(FfaLora(**flower_kwargs(config)), config, round_offset=round_offset,
+                  reply_template=reply_template)
+
+
+def build_fedprox(config, *, round_offset: int = 0, reply_template: dict | None = None) -> LoraFedProx:
+    strategy = LoraFedProx(**flower_kwargs(config), proximal_mu=config.strategy.proximal_mu)
+    return finish(strategy, config, round_offset=round_offset, reply_template=reply_template)

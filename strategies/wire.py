@@ -38,3 +38,55 @@ def arrays_to_state(record: ArrayRecord) -> "OrderedDict[str, torch.Tensor]":
     return OrderedDict(
         (name, torch.from_numpy(np.array(arr.numpy(), dtype=np.float32, copy=True)))
         for name, arr in record.items())
+
+
+# -- transport: what a message carries for each `strategy.transport` ---------
+# Down, the global state travels as weights (float16 unless float32 is asked
+# for: int8 would round absolute weights too coarsely). Up, float16 and int8
+# carry the client's update w - w_start, so rounding scales with the small
+# update rather than with the weights; float32 carries the weights, exactly.
+SCALE_SUFFIX = "::int8-scale"
+WIRE_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
+
+
+def encode_global(state: dict[str, torch.Tensor], transport: str) -> ArrayRecord:
+    dtype = torch.float32 if transport == "float32" else torch.float16
+    return ArrayRecord(OrderedDict(
+        (name, Array(t.detach().to(dtype).cpu().numpy())) for name, t in state.items()))
+
+
+def quantize_int8(update: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Symmetric per-tensor quantisation: q = round(x / s), s = max|x| / 127."""
+    peak = float(update.abs().max()) if update.numel() else 0.0
+    scale = peak / 127.0 if peak > 0 else 1.0
+    return torch.clamp(torch.round(update / scale), -127, 127).to(torch.int8), scale
+
+
+def encode_reply(state: dict[str, torch.Tensor], start: dict[str, torch.Tensor], transport: str) -> ArrayRecord:
+    """A client's trained `state` for the wire, relative to the `start` it trained from."""
+    if transport == "float32":
+        return state_to_arrays(state)
+    arrays = OrderedDict()
+    for name, tensor in state.items():
+        update = tensor.detach().float() - start[name].float()
+        if transport == "float16":
+            arrays[name] = Array(update.to(torch.float16).numpy())
+        else:
+            q, scale = quantize_int8(update)
+            arrays[name] = Array(q.numpy())
+            arrays[name + SCALE_SUFFIX] = Array(np.array([scale], dtype=np.float32))
+    return ArrayRecord(arrays)
+
+
+def decode_update(record: ArrayRecord, start: dict[str, torch.Tensor],
+                  transport: str) -> "OrderedDict[str, torch.Tensor]":
+    """The float32 update w - start a reply carries (the caller has checked its schema)."""
+    update = OrderedDict()
+    for name in start:
+        values = torch.from_numpy(np.array(record[name].numpy(), dtype=np.float32, copy=True))
+        if transport == "float32":
+            values = values - start[name]
+        elif transport == "int8":
+            values = values * float(record[name + SCALE_SUFFIX].numpy()[0])
+        update[name] = values
+    return update

@@ -17,7 +17,8 @@ from strategies.wire import arrays_to_state, message_bytes, state_to_arrays
 from tests.inprocess import InProcessGrid, server_context
 
 SMALL = ["model.name=tiny-llama", "data.max_records=60", "data.max_test_records=24",
-         "train.local_steps=2", "train.batch_size=4", "federation.clients=2"]
+         "train.local_steps=2", "train.batch_size=4", "federation.clients=2",
+         "strategy.transport=float32"]  # these tests pin float32 wire sizes and exact round trips
 
 
 def small_config(tmp_path, *extra):

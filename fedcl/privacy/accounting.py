@@ -1,0 +1,90 @@
+"""Privacy accounting: noise calibration, epsilon from a step history, the DP plan.
+
+The accountant is Opacus' own (RDP or PRV), fed a history of
+``(noise_multiplier, sample_rate, steps)`` triples, so any ledger can be
+recomputed from scratch. `plan_for` fixes one client's DP-SGD parameters for a
+run, once, before any training: the noise is calibrated to the whole planned
+schedule (every local step of every round), never per round.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass
+
+from fedcl.config import ConfigError, PrivacyConfig
+
+History = list[tuple[float, float, int]]
+
+
+def epsilon(history: History, *, delta: float, accountant: str) -> float:
+    """(epsilon at `delta`) of composing every entry of `history`, by Opacus' accountant."""
+    if not history:
+        return 0.0
+    from opacus.accountants.utils import create_accountant
+
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(float(n), float(q), int(s)) for n, q, s in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+@functools.lru_cache(maxsize=64)
+def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
+                    accountant: str) -> float:
+    """The smallest noise multiplier (Opacus' binary search) whose `steps` cost <= target."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                      sample_rate=sample_rate, steps=steps, accountant=accountant))
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """One client's DP-SGD parameters for a run, fixed before its first step."""
+
+    noise_multiplier: float
+    sample_rate: float  # Poisson: each record joins each step's batch with this probability
+    expected_batch_size: int  # the mean-loss denominator, whatever a batch's actual size
+    max_grad_norm: float
+    steps_per_round: int
+    planned_steps: int  # rounds x steps_per_round: what the noise was calibrated for
+    delta: float
+    accountant: str
+    epsilon_cap: float  # math.inf: no cap
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["epsilon_cap"] = None if math.isinf(self.epsilon_cap) else self.epsilon_cap
+        return out
+
+
+def plan_for(cfg: PrivacyConfig, *, num_records: int, batch_size: int, local_steps: int,
+             rounds: int) -> DPPlan:
+    """Check the settings against the client's data and calibrate its noise.
+
+    Raises ConfigError (naming the key) before any training when delta is not
+    below 1/N, or when the budget cannot pay for even one step.
+    """
+    if not cfg.enabled:
+        raise ConfigError("privacy: DP is off (set privacy.target_epsilon or privacy.noise_multiplier)")
+    if num_records < 1:
+        raise ConfigError("privacy: a client with no training records cannot train privately")
+    if cfg.delta >= 1.0 / num_records:
+        raise ConfigError(f"privacy.delta: got {cfg.delta!r}, expected a value below 1/N = "
+                          f"{1.0 / num_records:.3g} for a client with N={num_records} training records")
+    sample_rate = min(1.0, batch_size / num_records)
+    planned = rounds * local_steps
+    noise = cfg.noise_multiplier or calibrate_noise(
+        target_epsilon=cfg.target_epsilon, delta=cfg.delta, sample_rate=sample_rate,
+        steps=planned, accountant=cfg.accountant)
+    plan = DPPlan(noise_multiplier=noise, sample_rate=sample_rate,
+                  expected_batch_size=max(1, round(sample_rate * num_records)),
+                  max_grad_norm=cfg.max_grad_norm, steps_per_round=local_steps, planned_steps=planned,
+                  delta=cfg.delta, accountant=cfg.accountant, epsilon_cap=cfg.epsilon_cap)
+    one_step = epsilon([(noise, sample_rate, 1)], delta=cfg.delta, accountant=cfg.accountant)
+    if one_step > plan.epsilon_cap:
+        key = "privacy.budget_epsilon" if cfg.budget_epsilon else "privacy.target_epsilon"
+        raise ConfigError(f"{key}: got {plan.epsilon_cap!r}, expected at least one step's cost "
+                          f"{one_step:.4g} (noise {noise:.4g}, sample rate {sample_rate:.4g})")
+    return plan

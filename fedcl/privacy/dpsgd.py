@@ -1,0 +1,102 @@
+"""DP-SGD on the trainable (LoRA) parameters with Opacus, for one round.
+
+Opacus' `GradSampleModule` hooks compute each example's gradient on the LoRA
+``nn.Linear`` layers; its `DPOptimizer` clips each one to `max_grad_norm`,
+sums, adds Gaussian noise and divides by the *expected* batch size. Batches
+are Poisson samples (each record joins each step with probability
+`sample_rate`), the sampling the accountant assumes, so a batch may be empty:
+that step still adds noise and still counts.
+
+The hooks are attached for the round and removed after it, because the model
+is shared by every simulated client of a worker process. Only the loss built
+from `task.per_example_loss` reaches the parameters: a term outside it (a
+proximal or EWC penalty) would be dropped by the DP optimizer (opacus#249),
+so none is accepted here.
+
+Batches and noise come from the operating system's secure randomness, not
+from the run seed: the server knows the run seed and could otherwise
+replay the noise and subtract it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Callable, Iterator
+
+import torch
+
+from fedcl.config import ModelConfig, TrainConfig
+from fedcl.privacy.accounting import DPPlan
+from fedcl.train import TrainResult, autocast, trainable_parameters
+
+
+def secure_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def poisson_batches(num_records: int, sample_rate: float, steps: int,
+                    generator: torch.Generator) -> Iterator[list[int]]:
+    """`steps` index lists, each record in each with probability `sample_rate`."""
+    for _ in range(steps):
+        mask = torch.rand(num_records, generator=generator) < sample_rate
+        yield mask.nonzero().flatten().tolist()
+
+
+def _empty_grad_samples(params: list[torch.nn.Parameter]) -> None:
+    # An empty Poisson batch: zero per-sample gradients, so the optimizer adds
+    # noise alone, as the accountant assumes every step does.
+    for p in params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+
+def train_private(model, task, records: list, train_cfg: TrainConfig, model_cfg: ModelConfig,
+                  plan: DPPlan, *, generator: torch.Generator | None = None,
+                  make_optimizer: Callable[[list], torch.optim.Optimizer] | None = None,
+                  progress: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Run `plan.steps_per_round` DP-AdamW steps on `records` (plan from `plan_for`).
+
+    `make_optimizer(params)` replaces AdamW (tests use plain SGD to read the
+    privatised gradient off the update).
+    """
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    if not records:
+        raise ValueError("cannot train on an empty set of records")
+    generator = generator or secure_generator()
+    params = trainable_parameters(model)
+    # loss_reduction "mean" in both: the hooks undo the batch mean to get true
+    # per-example gradients; the optimizer divides the noisy sum by the
+    # expected batch size (not the actual one, which would leak it).
+    gsm = GradSampleModule(model, loss_reduction="mean", strict=True)
+    inner = (make_optimizer(params) if make_optimizer is not None else
+             torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay))
+    optimizer = DPOptimizer(inner, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+                            expected_batch_size=plan.expected_batch_size, loss_reduction="mean",
+                            generator=generator)
+    model.train()
+    start, losses, examples, tokens = time.perf_counter(), [], 0, 0
+    try:
+        batches = poisson_batches(len(records), plan.sample_rate, plan.steps_per_round, generator)
+        for step, indices in enumerate(batches):
+            optimizer.zero_grad(set_to_none=True)
+            if indices:
+                batch = task.encode([records[i] for i in indices])
+                with autocast(model_cfg):
+                    loss = task.per_example_loss(model, batch).mean()
+                loss.backward()
+                losses.append(float(loss.detach()))
+                tokens += int(batch.attention_mask.sum())
+            else:
+                _empty_grad_samples(params)
+            optimizer.step()
+            examples += len(indices)
+            if progress is not None:
+                progress(step + 1, losses[-1] if losses else float("nan"))
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        gsm._close()  # remove hooks and per-sample attributes: the model is shared
+        model.eval()
+    mean_loss = sum(losses) / len(losses) if losses else float("nan")
+    return TrainResult(mean_loss, plan.steps_per_round, examples, tokens, time.perf_counter() - start)
