@@ -4,7 +4,9 @@ Which data a node holds comes from its node config: in simulation Flower sets
 `partition-id` and `num-partitions`; a deployed node may instead name its own
 file with `data-file`. The run's configuration comes from the run config and
 the round number from the server's ConfigRecord. Only adapter arrays and
-numeric metrics leave the node.
+numeric metrics leave the node. With sample-level DP on, the node's privacy
+ledger (in its state folder) is checked before training and charged before
+the reply leaves; a node past its budget replies without arrays.
 """
 
 from __future__ import annotations

@@ -94,7 +94,8 @@ def preflight(config: Config) -> None:
 
             try:  # delta vs 1/N and the budget vs one step, per client, before any write
                 plan_for(config.privacy, num_records=len(train), batch_size=config.train.batch_size,
-                         local_steps=config.train.local_steps, rounds=config.federation.rounds)
+                         local_steps=config.train.local_steps, rounds=config.federation.rounds,
+                         proximal_mu=getattr(config.strategy, "client_proximal_mu", 0.0))
             except ConfigError as err:
                 raise ConfigError(f"client {client}: {err}") from None
 
@@ -151,10 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", metavar="RUN_DIR")
     priv = sub.add_parser("privacy", help="print the privacy ledgers found under a state folder")
     priv.add_argument("state_dir", metavar="STATE_DIR")
+    from fedcl.deploy import add_parser as add_deploy
+
+    add_deploy(sub)
     return parser
 
 
-COMMANDS = {"simulate": cmd_simulate, "report": cmd_report, "privacy": cmd_privacy}
+def cmd_deploy(args) -> int:
+    from fedcl.deploy import cmd_deploy as run
+
+    return run(args)
+
+
+COMMANDS = {"simulate": cmd_simulate, "report": cmd_report, "privacy": cmd_privacy,
+            "deploy": cmd_deploy}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -270,13 +270,17 @@ class PrivacyConfig:
     delta: float = 1e-5
     # Per-sample (mode "sample") or per-client-update (mode "client") L2 clip.
     max_grad_norm: float = 1.0
-    # Lifetime cap on a node's ledger across rounds, resumes and runs
-    # (0: target_epsilon is the cap; no cap when only noise_multiplier is set).
+    # Lifetime cap on a node's ledger across rounds, resumes and runs (0: no
+    # lifetime cap; each run still costs at most target_epsilon).
     budget_epsilon: float = 0.0
     accountant: AccountantKind = "rdp"
 
     def __post_init__(self) -> None:
         _check_choice("privacy.mode", self.mode, get_args(PrivacyMode))
+        # Client-level DP (Flower's server-side clipping wrapper) is not wired in
+        # yet; refusing it beats a run that looks private and is not.
+        _check(self.mode == "sample" or not self.enabled, "privacy.mode", self.mode,
+               '"sample" (client-level DP, mode "client", is not implemented yet)')
         _check_choice("privacy.accountant", self.accountant, get_args(AccountantKind))
         for key in ("noise_multiplier", "target_epsilon", "budget_epsilon"):
             value = getattr(self, key)
@@ -295,8 +299,13 @@ class PrivacyConfig:
 
     @property
     def epsilon_cap(self) -> float:
-        """The most a node's ledger may reach: the budget, else the target, else no cap."""
-        return self.budget_epsilon or self.target_epsilon or math.inf
+        """The most a node's ledger may reach over its life: the budget, or no cap.
+
+        target_epsilon is what one run's schedule costs (the noise is
+        calibrated to it); a node that joins several runs composes them, so
+        only budget_epsilon bounds the lifetime total.
+        """
+        return self.budget_epsilon or math.inf
 
 
 @dataclass(frozen=True)

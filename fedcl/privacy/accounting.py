@@ -60,7 +60,7 @@ class DPPlan:
 
 
 def plan_for(cfg: PrivacyConfig, *, num_records: int, batch_size: int, local_steps: int,
-             rounds: int) -> DPPlan:
+             rounds: int, proximal_mu: float = 0.0) -> DPPlan:
     """Check the settings against the client's data and calibrate its noise.
 
     Raises ConfigError (naming the key) before any training when delta is not
@@ -68,6 +68,9 @@ def plan_for(cfg: PrivacyConfig, *, num_records: int, batch_size: int, local_ste
     """
     if not cfg.enabled:
         raise ConfigError("privacy: DP is off (set privacy.target_epsilon or privacy.noise_multiplier)")
+    if proximal_mu > 0:  # opacus#249: the DP optimizer would silently drop the term
+        raise ConfigError(f"strategy.proximal_mu (fedprox): got {proximal_mu!r}, expected 0 with "
+                          "privacy on (a loss term outside the per-example loss is lost under DP-SGD)")
     if num_records < 1:
         raise ConfigError("privacy: a client with no training records cannot train privately")
     if cfg.delta >= 1.0 / num_records:

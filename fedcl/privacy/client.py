@@ -95,9 +95,14 @@ class ClientPrivacy:
 def client_privacy(config: Config, client_id: int, num_records: int, state_dir: Path) -> ClientPrivacy:
     """The guard of one client for one configuration; the plan is computed once."""
     plan = plan_for(config.privacy, num_records=num_records, batch_size=config.train.batch_size,
-                    local_steps=config.train.local_steps, rounds=config.federation.rounds)
+                    local_steps=config.train.local_steps, rounds=config.federation.rounds,
+                    proximal_mu=getattr(config.strategy, "client_proximal_mu", 0.0))
     cap = "none" if math.isinf(plan.epsilon_cap) else f"{plan.epsilon_cap:g}"
     logger.info("client %d | DP plan: noise %.4f | sample rate %.4f | clip %g | %d steps planned "
                 "| cap %s", client_id, plan.noise_multiplier, plan.sample_rate, plan.max_grad_norm,
                 plan.planned_steps, cap)
+    if math.isinf(plan.epsilon_cap):
+        logger.warning("client %d | no lifetime privacy budget (privacy.budget_epsilon): this run "
+                       "costs at most its target, but runs on the same data compose without a cap",
+                       client_id)
     return ClientPrivacy(plan, state_dir)
