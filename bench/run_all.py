@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-BENCHMARKS = ["bench.foundation"]
+BENCHMARKS = ["bench.foundation", "bench.privacy_overhead"]
 
 
 def _pct(x: float) -> str:
@@ -52,7 +52,22 @@ def render_foundation(r: dict) -> list[str]:
     return lines + [""]
 
 
-RENDERERS = {"foundation.json": render_foundation}
+def render_privacy_overhead(r: dict) -> list[str]:
+    lines = [f"## DP-SGD overhead ({r['model']}, {r['steps']} steps, measured {r['when']})", "",
+             "Ordinary and DP training of the same client, each in a fresh process. Time per example "
+             "processed (Poisson batches vary in size); memory as peak resident set size.", "",
+             "| task | time per example, plain | DP | time ratio (goal <= 1.2) | peak RSS plain MB | DP MB "
+             "| memory ratio (goal <= 1.2) |", "|---|---|---|---|---|---|---|"]
+    for kind, s in r["summary"].items():
+        plain = next(x for x in r["rows"] if x["kind"] == kind and not x["private"])
+        dp = next(x for x in r["rows"] if x["kind"] == kind and x["private"])
+        lines.append(f"| {kind} | {plain['seconds_per_example']:.3f} s | {dp['seconds_per_example']:.3f} s "
+                     f"| {s['time_ratio']:.2f}x | {plain['peak_rss_mb']:.0f} | {dp['peak_rss_mb']:.0f} "
+                     f"| {s['memory_ratio']:.2f}x |")
+    return lines + [""]
+
+
+RENDERERS = {"foundation.json": render_foundation, "privacy_overhead.json": render_privacy_overhead}
 
 HEADER = """# Benchmarks
 
