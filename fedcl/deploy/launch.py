@@ -1,0 +1,283 @@
+"""Start and stop the real Flower processes of a deployment on one machine.
+
+These build the exact command lines the README and `docker/compose.yml` use,
+and run them as child processes that can always be stopped again::
+
+    files = DeployFiles(Path("deploy-keys"))
+    link = start_superlink(files, port=9093, database=Path("state/superlink.db"), log=Path("logs/link.log"))
+    write_connection(flwr_home, "fedcl", f"127.0.0.1:{9093}", files.ca_cert)
+    register_node(files, "hospital-a", "fedcl", flwr_home)
+    node = start_supernode(files, "hospital-a", superlink="127.0.0.1:9093", runtime_port=9101,
+                           data_file=..., state_dir=..., partition_id=0, log=...)
+    run_id = submit_run(app_dir, "fedcl", {"config": "/abs/deploy.toml"}, flwr_home)
+    ...
+    node.stop(); link.stop()
+
+Every process starts in its own process group; `Launched.stop` snapshots the
+whole tree first (the SuperLink starts a SuperExec in a new session, which
+starts the ServerApp), then terminates each process by its id, then kills
+what is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedcl.deploy.certs import DeployFiles
+
+BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr live beside python
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free now (another process may still take it before us)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def flwr_env(flwr_home: Path | None = None) -> dict[str, str]:
+    """The environment every Flower process gets: this venv first on PATH (the
+    SuperLink and SuperNode start `flower-superexec` and the apps from PATH),
+    no per-run `uv sync`, and the given FLWR_HOME."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def superlink_command(files: DeployFiles, *, host: str, port: int, database: Path) -> list[str]:
+    """One port serves the Control, Fleet and ServerApp runtime APIs (Flower 1.42)."""
+    return ["flower-superlink", "--ssl-ca-certfile", str(files.ca_cert),
+            "--ssl-certfile", str(files.server_cert), "--ssl-keyfile", str(files.server_key),
+            "--database", str(database), "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation", "--host", host, "--port", str(port)]
+
+
+def node_config(*, data_file: Path, state_dir: Path, partition_id: int) -> str:
+    return f'data-file="{data_file}" state-dir="{state_dir}" partition-id={partition_id}'
+
+
+def supernode_command(files: DeployFiles, institution: str, *, superlink: str, runtime_port: int,
+                      data_file: Path, state_dir: Path, partition_id: int,
+                      root_certificates: Path | None = None) -> list[str]:
+    """`runtime_port`: the node's own ClientApp runtime API (127.0.0.1, default 9094), which
+    must differ between SuperNodes sharing a machine."""
+    return ["flower-supernode", "--superlink", superlink,
+            "--root-certificates", str(root_certificates or files.ca_cert),
+            "--auth-supernode-private-key", str(files.node_key(institution)),
+            "--port", str(runtime_port),
+            "--node-config", node_config(data_file=data_file, state_dir=state_dir,
+                                         partition_id=partition_id)]
+
+
+def write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path) -> Path:
+    """Add (or replace) `[superlink.<name>]` in `$FLWR_HOME/config.toml`, as the default."""
+    import tomli_w  # ships with flwr
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    path = Path(flwr_home) / "config.toml"
+    config = tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    links = config.setdefault("superlink", {})
+    links["default"] = name
+    links[name] = {"address": address, "root-certificates": str(Path(ca_cert).resolve())}
+    from server.checkpoint import write_atomic
+
+    write_atomic(path, tomli_w.dumps(config))
+    return path
+
+
+def flwr(args: list[str], flwr_home: Path, *, cwd: Path | None = None,
+         timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the `flwr` CLI; raise with its output on failure."""
+    done = subprocess.run([str(BIN / "flwr"), *args], env=flwr_env(flwr_home), cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"flwr {' '.join(args)} failed ({done.returncode}):\n"
+                           f"{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return done
+
+
+def register_node(files: DeployFiles, institution: str, connection: str, flwr_home: Path) -> str:
+    """`flwr supernode register KEY.pub CONNECTION`; returns the CLI's output."""
+    return flwr(["supernode", "register", str(files.node_public_key(institution)), connection],
+                flwr_home).stdout
+
+
+def run_config_arg(values: dict) -> str:
+    """`--run-config` text: TOML values, space separated (strings quoted)."""
+    return " ".join(f"{k}={json.dumps(v)}" for k, v in values.items())
+
+
+def submit_run(app_dir: Path, connection: str, run_config: dict, flwr_home: Path) -> int:
+    """`flwr run APP CONNECTION --run-config ...`; returns the run id."""
+    done = flwr(["run", str(app_dir), connection, "--run-config", run_config_arg(run_config),
+                 "--format", "json"], flwr_home, cwd=app_dir)
+    return int(json.loads(done.stdout)["run-id"])
+
+
+def run_status(run_id: int, connection: str, flwr_home: Path) -> str:
+    """The run's status as `flwr ls` reports it (e.g. "running", "finished:completed")."""
+    done = flwr(["ls", connection, "--run-id", str(run_id), "--format", "json"], flwr_home)
+    runs = json.loads(done.stdout).get("runs", [])
+    return str(runs[0].get("status", "")) if runs else ""
+
+
+@dataclass
+class Launched:
+    """A started process with its log; `stop()` ends it and everything it started."""
+
+    name: str
+    proc: subprocess.Popen
+    log: Path
+    known: set[int] = field(default_factory=set)  # descendants seen so far
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def descendants(self) -> set[int]:
+        """Child processes now alive, remembered so that a later stop still finds them
+        after their parent has gone."""
+        import psutil
+
+        try:
+            self.known |= {c.pid for c in psutil.Process(self.pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
+        # A SuperExec runs in its own session and names its parent with --parent-pid;
+        # if our process died first it was re-parented, but it still names our pid.
+        marker = ["--parent-pid", str(self.pid)]
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info.get("cmdline") or []
+            if any(cmd[i:i + 2] == marker for i in range(len(cmd) - 1)):
+                self.known.add(p.pid)
+                try:
+                    self.known |= {c.pid for c in p.children(recursive=True)}
+                except psutil.NoSuchProcess:
+                    pass
+        return self.known
+
+    def tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(encoding="utf-8", errors="replace")[-chars:] if self.log.exists() else ""
+
+    def stop(self, *, kill: bool = False, grace: float = 5.0) -> None:
+        """SIGTERM (SIGKILL with kill=True) the process and its descendants, by id."""
+        import psutil
+
+        tree = [self.pid, *sorted(self.descendants())]
+        procs = []
+        for pid in tree:
+            try:
+                p = psutil.Process(pid)
+                # A pid recycled by an unrelated process would have started after ours.
+                if pid != self.pid and p.create_time() > time.time():
+                    continue
+                procs.append(p)
+                p.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                continue
+        _, alive = psutil.wait_procs(procs, timeout=grace)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=grace)
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            pass
+
+
+def launch(name: str, command: list[str], *, log: Path, flwr_home: Path | None = None,
+           cwd: Path | None = None) -> Launched:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([str(BIN / command[0]), *command[1:]], stdout=out,
+                                stderr=subprocess.STDOUT, env=flwr_env(flwr_home), cwd=cwd,
+                                start_new_session=True)
+    return Launched(name, proc, log)
+
+
+def start_superlink(files: DeployFiles, *, port: int, database: Path, log: Path,
+                    host: str = "127.0.0.1", flwr_home: Path | None = None,
+                    cwd: Path | None = None) -> Launched:
+    database.parent.mkdir(parents=True, exist_ok=True)
+    link = launch("superlink", superlink_command(files, host=host, port=port, database=database),
+                  log=log, flwr_home=flwr_home, cwd=cwd)
+    wait_for(lambda: _port_open(host, port), timeout=60, what=f"SuperLink on {host}:{port}",
+             process=link)
+    return link
+
+
+def start_supernode(files: DeployFiles, institution: str, *, superlink: str, runtime_port: int,
+                    data_file: Path, state_dir: Path, partition_id: int, log: Path,
+                    flwr_home: Path | None = None, root_certificates: Path | None = None) -> Launched:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    command = supernode_command(files, institution, superlink=superlink, runtime_port=runtime_port,
+                                data_file=data_file, state_dir=state_dir, partition_id=partition_id,
+                                root_certificates=root_certificates)
+    return launch(institution, command, log=log, flwr_home=flwr_home)
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def wait_for(condition: Callable[[], bool], *, timeout: float, what: str,
+             process: Launched | None = None, interval: float = 0.5) -> None:
+    """Poll `condition` until true; fail early if `process` died, with its log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if process is not None and not process.alive():
+            raise RuntimeError(f"{process.name} exited ({process.proc.returncode}) while waiting "
+                               f"for {what}:\n{process.tail()}")
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+APP_PACKAGES = ("fedcl", "server", "client", "strategies", "continual")
+
+
+def stage_app(source: Path, target: Path) -> Path:
+    """Copy what the Flower app bundle needs (pyproject.toml and the packages' .py
+    files) into `target`, so that `flwr run target` builds its FAB without walking
+    `.venv/`, `runs/` or data (`flwr run .` in the repository works too, slower)."""
+    import shutil
+
+    source, target = Path(source), Path(target)
+    if not (source / "pyproject.toml").is_file():
+        raise FileNotFoundError(f"{source}: no pyproject.toml (not the fedcl repository)")
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    shutil.copy2(source / "pyproject.toml", target / "pyproject.toml")
+    for package in APP_PACKAGES:
+        for path in (source / package).rglob("*.py"):
+            if "__pycache__" not in path.parts:
+                dest = target / path.relative_to(source)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest)
+    return target
