@@ -7,6 +7,11 @@ the round number from the server's ConfigRecord. Only adapter arrays and
 numeric metrics leave the node. With sample-level DP on, the node's privacy
 ledger (in its state folder) is checked before training and charged before
 the reply leaves; a node past its budget replies without arrays.
+
+With continual learning on, the ConfigRecord's ``task`` says which task the
+round trains on; the node trains on its share of it with its method (state in
+the node's state folder, see fedcl/continual_session.py), or, holding no
+records of the task, replies with metrics only (status "no data for this task").
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedcl.config import from_run_config
-from fedcl.privacy import STATUS_BUDGET_EXHAUSTED, client_privacy, state_dir_for
+from fedcl.continual_session import NodeContinual, dp_base_plan, resolve_rounds, task_plan
+from fedcl.privacy import STATUS_BUDGET_EXHAUSTED, ClientPrivacy, client_privacy, state_dir_for
 from fedcl.session import local_session
-from strategies.base import EPSILON, NUM_EXAMPLES, PARTITION_ID, STATUS
+from strategies.base import EPSILON, NUM_EXAMPLES, PARTITION_ID, STATUS, STATUS_NO_TASK_DATA, TASK
 from strategies.wire import arrays_to_state, encode_reply
 
 logger = logging.getLogger("fedcl.client")
@@ -30,7 +36,7 @@ app = ClientApp()
 
 
 def _session(context: Context):
-    config = from_run_config(dict(context.run_config))
+    config = resolve_rounds(from_run_config(dict(context.run_config)))
     node = context.node_config
     data_file = node.get("data-file")
     if data_file:  # a deployed institution's own file
@@ -43,6 +49,21 @@ def _session(context: Context):
 def _round(msg: Message) -> int:
     config: ConfigRecord = msg.content.config_records.get("config", ConfigRecord())
     return int(config.get("server-round", 0))
+
+
+def _task(msg: Message) -> int:
+    config: ConfigRecord = msg.content.config_records.get("config", ConfigRecord())
+    if TASK not in config:
+        raise ValueError("continual learning is on (data.task_column), but the server sent no task index")
+    return int(config[TASK])
+
+
+def _node_continual(session, context: Context) -> NodeContinual:
+    node = context.node_config
+    state_dir = state_dir_for(session.config, session.client_id, str(node.get("state-dir", "")))
+    if node.get("data-file"):  # the node's own file is its whole share
+        return NodeContinual(session, state_dir, share=0, num_shares=1)
+    return NodeContinual(session, state_dir, share=session.client_id, num_shares=int(node["num-partitions"]))
 
 
 def _privacy(session, context: Context):
@@ -64,17 +85,54 @@ def _refusal(msg: Message, session, server_round: int, verdict) -> Message:
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
+def _no_task_data(msg: Message, session, server_round: int, task: int) -> Message:
+    print(f"client {session.client_id} | round {server_round} | task {task} | no records, skipped", flush=True)
+    metrics = MetricRecord({NUM_EXAMPLES: 0, PARTITION_ID: session.client_id, STATUS: STATUS_NO_TASK_DATA,
+                            TASK: task})
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+def _train_continual(msg: Message, context: Context, session, server_round: int, state: dict):
+    """One continual round -> (reply, or None and (new_state, result, guard, records, extra metrics))."""
+    task = _task(msg)
+    node = _node_continual(session, context)
+    records = node.records(task)
+    if not records:
+        return _no_task_data(msg, session, server_round, task), None
+    dp_on = session.config.privacy.enabled and session.config.privacy.mode == "sample"
+    node.begin(state, task, dp=dp_on)
+    guard, pool = None, None
+    if dp_on:
+        pool = node.dp_pool(task)
+        plan = task_plan(dp_base_plan(session.config, node.shares), len(pool), session.config.train.batch_size)
+        guard = ClientPrivacy(plan, node.state_dir)
+        verdict = guard.check()
+        if not verdict.allowed:
+            return _refusal(msg, session, server_round, verdict), None
+    new_state, result = node.train(state, server_round, task, pool=pool,
+                                   dp_plan=guard.plan if guard else None)
+    return None, (new_state, result, guard, len(records), {TASK: task, "train-pool": len(pool or records)})
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     session = _session(context)
     server_round = _round(msg)
     state = arrays_to_state(msg.content.array_records["arrays"])
-    guard = _privacy(session, context)
-    if guard is not None:
-        verdict = guard.check()
-        if not verdict.allowed:
-            return _refusal(msg, session, server_round, verdict)
-    new_state, result = session.train(state, server_round, dp_plan=guard.plan if guard else None)
+    extra = {}
+    if session.config.continual_on:
+        reply, trained = _train_continual(msg, context, session, server_round, state)
+        if reply is not None:
+            return reply
+        new_state, result, guard, num_examples, extra = trained
+    else:
+        guard = _privacy(session, context)
+        if guard is not None:
+            verdict = guard.check()
+            if not verdict.allowed:
+                return _refusal(msg, session, server_round, verdict)
+        new_state, result = session.train(state, server_round, dp_plan=guard.plan if guard else None)
+        num_examples = len(session.train_records)
     dp = {}
     if guard is not None:  # charged before the reply leaves the node
         eps = guard.charge(run=session.config.run.out_dir, server_round=server_round, steps=result.steps)
@@ -86,7 +144,7 @@ def train(msg: Message, context: Context) -> Message:
     print(f"client {session.client_id} | round {server_round} | loss {result.loss:.4f} "
           f"| steps {result.steps} | {result.seconds:.1f} s{eps_text}", flush=True)
     metrics = MetricRecord({
-        NUM_EXAMPLES: len(session.train_records), PARTITION_ID: session.client_id,
+        NUM_EXAMPLES: num_examples, PARTITION_ID: session.client_id, **extra,
         "train-loss": result.loss, "train-steps": result.steps,
         "train-examples": result.examples, "train-tokens": result.tokens,
         "train-seconds": result.seconds, **dp,

@@ -20,7 +20,6 @@ is a new class plus a registry entry.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -30,6 +29,7 @@ import torch
 from continual.ewc import OnlineEWC, compute_fisher
 from continual.replay import ReservoirBuffer, mix_batches
 from continual.state import StateError, check_state
+from fedcl.config import ContinualConfig
 
 VERSION = 1
 
@@ -198,54 +198,23 @@ class Combined(Method):
 
 # -- settings and registry -----------------------------------------------------------
 
-@dataclass(frozen=True)
-class MethodConfig:
-    """Settings of the continual methods (to become `fedcl.config`'s [continual] section)."""
-
-    method: str = "naive"
-    # Records kept per client; they never leave it.
-    replay_capacity: int = 200
-    # Share of each mixed batch that is replay (0.5 doubles the batch, as Avalanche).
-    replay_ratio: float = 0.5
-    replay_balanced: bool = False
-    # lambda of EWC; sensible values depend on the loss scale, so tune it.
-    ewc_strength: float = 100.0
-    # Online EWC's gamma: 1 sums every task's Fisher, < 1 fades old ones.
-    ewc_decay: float = 1.0
-    fisher_batch_size: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        from fedcl.config import ConfigError
-
-        def check(ok: bool, key: str, value, allowed: str) -> None:
-            if not ok:
-                raise ConfigError(f"continual.{key}: got {value!r}, expected {allowed}")
-
-        check(self.method in METHODS, "method", self.method, "one of " + ", ".join(METHODS))
-        check(self.replay_capacity >= 1, "replay_capacity", self.replay_capacity, "a positive integer")
-        check(0.0 <= self.replay_ratio < 1.0, "replay_ratio", self.replay_ratio, "a float in [0, 1)")
-        check(self.ewc_strength >= 0, "ewc_strength", self.ewc_strength, "a number >= 0")
-        check(0.0 <= self.ewc_decay <= 1.0, "ewc_decay", self.ewc_decay, "a float in [0, 1]")
-        check(self.fisher_batch_size >= 1, "fisher_batch_size", self.fisher_batch_size, "a positive integer")
+def _replay(cfg: ContinualConfig, seed: int) -> Replay:
+    return Replay(cfg.replay_capacity, cfg.replay_ratio, seed, cfg.replay_balanced)
 
 
-def _replay(cfg: MethodConfig) -> Replay:
-    return Replay(cfg.replay_capacity, cfg.replay_ratio, cfg.seed, cfg.replay_balanced)
-
-
-def _ewc(cfg: MethodConfig) -> EWC:
+def _ewc(cfg: ContinualConfig, seed: int) -> EWC:
     return EWC(cfg.ewc_strength, cfg.ewc_decay, cfg.fisher_batch_size)
 
 
-METHODS: dict[str, Callable[[MethodConfig], Method]] = {
-    "naive": lambda cfg: Naive(),
+METHODS: dict[str, Callable[[ContinualConfig, int], Method]] = {
+    "naive": lambda cfg, seed: Naive(),
     "replay": _replay,
     "ewc": _ewc,
-    "replay+ewc": lambda cfg: Combined([_replay(cfg), _ewc(cfg)]),
+    "replay+ewc": lambda cfg, seed: Combined([_replay(cfg, seed), _ewc(cfg, seed)]),
 }
 
 
-def make_method(cfg: MethodConfig) -> Method:
-    """A fresh method object for `cfg.method` (validated by MethodConfig)."""
-    return METHODS[cfg.method](cfg)
+def make_method(cfg: ContinualConfig, seed: int = 0) -> Method:
+    """A fresh method object for `cfg.strategy` (`fedcl.config`'s [continual] section,
+    which validates the name); `seed` drives replay's draws (e.g. per node)."""
+    return METHODS[cfg.strategy](cfg, seed)

@@ -1,4 +1,4 @@
-"""The `fedcl` command line: simulate, report, privacy.
+"""The `fedcl` command line: simulate, report, privacy, deploy, tune.
 
 Every command checks its inputs before it writes anything: a bad config key,
 model name or data file ends the command with a message naming it, exit
@@ -89,7 +89,9 @@ def preflight(config: Config) -> None:
         if not train:
             raise UsageError(f"client {client} gets no training records; use fewer clients "
                              "or another data.partition")
-        if config.privacy.enabled and config.privacy.mode == "sample":
+        if config.continual_on:
+            _preflight_continual(config, client)
+        elif config.privacy.enabled and config.privacy.mode == "sample":
             from fedcl.privacy import plan_for
 
             try:  # delta vs 1/N and the budget vs one step, per client, before any write
@@ -100,12 +102,34 @@ def preflight(config: Config) -> None:
                 raise ConfigError(f"client {client}: {err}") from None
 
 
+def _preflight_continual(config: Config, client: int) -> None:
+    """The task stream builds, and this client's DP plan over its task shares holds."""
+    from continual.streams import client_share
+    from fedcl.continual_session import build_stream, dp_base_plan
+
+    shares = client_share(list(build_stream(config.data, config.train.seed)), client,
+                          config.federation.clients, config.train.seed)
+    if config.privacy.enabled and config.privacy.mode == "sample":
+        try:
+            dp_base_plan(config, shares)
+        except ConfigError as err:
+            raise ConfigError(f"client {client}: {err}") from None
+
+
 def cmd_simulate(args) -> int:
     from fedcl.simulation import run_simulation
     from fedcl.summary import print_summary
     from server.checkpoint import RunDir
 
     config, out = resolve_config(args)
+    if config.continual_on:  # tasks x rounds_per_task rounds, known once the stream is built
+        from fedcl.continual_session import resolve_rounds
+
+        planned = config.federation.rounds
+        config = resolve_rounds(config)
+        if planned != config.federation.rounds:
+            print(f"continual: {config.federation.rounds} rounds (tasks x continual.rounds_per_task) "
+                  f"replace federation.rounds={planned}", file=sys.stderr)
     run_dir = RunDir(out)
     done = run_dir.completed_rounds()
     if args.resume and done >= config.federation.rounds:
@@ -155,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedcl.deploy import add_parser as add_deploy
 
     add_deploy(sub)
+    from fedcl.tuning.cli import add_parser as add_tune
+
+    add_tune(sub)
     return parser
 
 
@@ -164,8 +191,14 @@ def cmd_deploy(args) -> int:
     return run(args)
 
 
+def cmd_tune(args) -> int:
+    from fedcl.tuning.cli import cmd_tune as run
+
+    return run(args)
+
+
 COMMANDS = {"simulate": cmd_simulate, "report": cmd_report, "privacy": cmd_privacy,
-            "deploy": cmd_deploy}
+            "deploy": cmd_deploy, "tune": cmd_tune}
 
 
 def main(argv: list[str] | None = None) -> int:

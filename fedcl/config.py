@@ -42,6 +42,7 @@ def split_list(value: str) -> list[str]:
 TaskKind = Literal["classification", "instruction"]
 PartitionKind = Literal["iid", "dirichlet", "column"]
 ComputeDtype = Literal["float32", "bfloat16"]
+TaskPeriod = Literal["year", "quarter", "month"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,10 @@ class DataConfig:
     # Cap on training records taken from the source (0: all); keeps demos short.
     max_records: int = 0
     max_test_records: int = 0
+    # Continual learning: a meta column holding each record's date ("" : off, one
+    # ordinary federation); the records are cut into one task per period of it.
+    task_column: str = ""
+    task_period: TaskPeriod = "year"
 
     def __post_init__(self) -> None:
         _check(bool(self.dataset) or bool(self.path), "data.dataset", self.dataset,
@@ -129,6 +134,7 @@ class DataConfig:
         _check(0.0 < self.test_fraction < 1.0, "data.test_fraction", self.test_fraction, "a float in (0, 1)")
         _check(self.max_records >= 0, "data.max_records", self.max_records, "0 or a positive integer")
         _check(self.max_test_records >= 0, "data.max_test_records", self.max_test_records, "0 or a positive integer")
+        _check_choice("data.task_period", self.task_period, get_args(TaskPeriod))
         key = "data.classification_template" if self.task == "classification" else "data.instruction_template"
         slot = "{text}" if self.task == "classification" else "{prompt}"
         template = self.classification_template if self.task == "classification" else self.instruction_template
@@ -308,6 +314,45 @@ class PrivacyConfig:
         return self.budget_epsilon or math.inf
 
 
+CONTINUAL_STRATEGIES = ("naive", "replay", "ewc", "replay+ewc")
+
+
+@dataclass(frozen=True)
+class ContinualConfig:
+    # Only read when data.task_column is set (continual learning on); see continual/.
+    # "avalanche:<Plugin>" is reserved for the Avalanche engine, not in this build.
+    strategy: str = "naive"
+    # Federated rounds spent on each task; the run has tasks x rounds_per_task rounds
+    # (federation.rounds is then ignored).
+    rounds_per_task: int = 2
+    # Replay: records kept per client (they never leave it), the share of each
+    # mixed batch that is replay (0.5 doubles a batch, as Avalanche), per-class quotas.
+    replay_capacity: int = 200
+    replay_ratio: float = 0.5
+    replay_balanced: bool = False
+    # Online EWC: lambda (depends on the loss scale, so tune it) and gamma
+    # (1 sums every task's Fisher, < 1 fades old ones).
+    ewc_strength: float = 100.0
+    ewc_decay: float = 1.0
+    fisher_batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.strategy.startswith("avalanche:"):
+            raise ConfigError(f"continual.strategy: got {self.strategy!r}, but the Avalanche engine is not "
+                              "installed in this build yet (it needs another torch version); use one of "
+                              + ", ".join(CONTINUAL_STRATEGIES))
+        _check_choice("continual.strategy", self.strategy, CONTINUAL_STRATEGIES)
+        _check(1 <= self.rounds_per_task <= 10_000, "continual.rounds_per_task", self.rounds_per_task,
+               "a positive integer")
+        _check(self.replay_capacity >= 1, "continual.replay_capacity", self.replay_capacity, "a positive integer")
+        _check(0.0 <= self.replay_ratio < 1.0, "continual.replay_ratio", self.replay_ratio, "a float in [0, 1)")
+        _check(self.ewc_strength >= 0 and math.isfinite(self.ewc_strength), "continual.ewc_strength",
+               self.ewc_strength, "a number >= 0")
+        _check(0.0 <= self.ewc_decay <= 1.0, "continual.ewc_decay", self.ewc_decay, "a float in [0, 1]")
+        _check(self.fisher_batch_size >= 1, "continual.fisher_batch_size", self.fisher_batch_size,
+               "a positive integer")
+
+
 @dataclass(frozen=True)
 class RunConfig:
     # The run folder the server writes (resolved config, metrics, adapters).
@@ -326,7 +371,13 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def continual_on(self) -> bool:
+        """Continual learning is on when the data name a task column."""
+        return bool(self.data.task_column)
 
     # -- conversions -------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:

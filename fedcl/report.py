@@ -8,9 +8,13 @@ folder layout) and draws one figure per question a reader asks of a run:
     loss.png       global eval loss next to the clients' mean training loss
     bytes.png      what travelled per round, up and down, in MB
 
+and, for a continual-learning run (metrics.json has a ``continual`` section):
+
+    accuracy_matrix.png    R[k][j], accuracy on task j after training task k
+    task_accuracy.png      each task's accuracy as the stream goes on
+
 Each figure is a small function taking the parsed metrics and returning a
-matplotlib Figure; `FIGURES` lists them. Later figures (the continual-learning
-accuracy matrix) are added there as more such functions.
+matplotlib Figure; `FIGURES` lists them, `continual_figures` the continual ones.
 """
 
 from __future__ import annotations
@@ -176,9 +180,51 @@ FIGURES: dict[str, Callable[[dict], object]] = {
 }
 
 
+def accuracy_matrix_figure(metrics: dict):
+    """Heatmap of the accuracy matrix: rows the task just trained, columns the task tested."""
+    from matplotlib.figure import Figure
+
+    section = metrics["continual"]
+    names, matrix = section["tasks"], section["accuracy_matrix"]
+    fig = Figure(figsize=(1.2 + 0.6 * len(names), 1.0 + 0.5 * max(len(matrix), 1)), dpi=100)
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label="accuracy")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(matrix)), names[:len(matrix)])
+    ax.set_xlabel("tested on task")
+    ax.set_ylabel("after training task")
+    ax.set_title(f"Accuracy matrix ({section.get('strategy', '')})")
+    if len(names) <= 12:  # values stay legible up to about a dozen tasks
+        for k, row in enumerate(matrix):
+            for j, value in enumerate(row):
+                ax.text(j, k, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if value < 0.5 else "black")
+    return fig
+
+
+def task_accuracy_figure(metrics: dict):
+    """Each task's accuracy after every finished task (x: tasks trained so far; 0 = zero-shot)."""
+    section = metrics["continual"]
+    names, matrix, zero = section["tasks"], section["accuracy_matrix"], section.get("zero_shot")
+    fig, ax = _figure("Accuracy per task over the stream", "accuracy")
+    ax.set_xlabel("tasks trained")
+    start = 0 if zero else 1
+    rows = ([zero] if zero else []) + list(matrix)
+    for j, name in enumerate(names):
+        ax.plot(range(start, start + len(rows)), [row[j] for row in rows], marker="o", label=name)
+    ax.set_ylim(0.0, 1.0)
+    _integer_rounds(ax)
+    ax.legend(loc="best", fontsize=7, ncol=2)
+    return fig
+
+
 def continual_figures(metrics: dict) -> dict[str, Callable[[dict], object]]:
-    """Figures for continual-learning runs; none yet (the accuracy matrix heatmap comes later)."""
-    return {}
+    """Figures for continual-learning runs (none for an ordinary run or before a task finished)."""
+    section = metrics.get("continual") or {}
+    if not section.get("accuracy_matrix"):
+        return {}
+    return {"accuracy_matrix.png": accuracy_matrix_figure, "task_accuracy.png": task_accuracy_figure}
 
 
 # -- writing ------------------------------------------------------------------

@@ -46,6 +46,11 @@ def _dataset(data_cfg, seed: int) -> data.Dataset:
     return data.load_dataset(data_cfg, seed=seed)
 
 
+def dataset_for(data_cfg, seed: int) -> data.Dataset:
+    """The run's dataset, loaded once per process and configuration."""
+    return _dataset(data_cfg, seed)
+
+
 def round_seed(seed: int, server_round: int, client_id: int) -> int:
     """A distinct, reproducible seed per (run seed, round, client)."""
     return random.Random(f"{seed}/{server_round}/{client_id}").randrange(2**31)
@@ -153,9 +158,12 @@ class GlobalEvaluator:
         return self.layout.initial_global(self.shared.initial_state)
 
     def evaluate(self, state: dict) -> dict:
+        return self.evaluate_records(state, self.shared.dataset.test)
+
+    def evaluate_records(self, state: dict, records: list) -> dict:
+        """The global `state` scored on `records` (e.g. one continual task's test split)."""
         self.layout.load(self.shared.model, state, self.shared.initial_state, source="global adapter")
-        return evaluate(self.shared.model, self.shared.task, self.shared.dataset.test,
-                        self.config.train, self.config.model)
+        return evaluate(self.shared.model, self.shared.task, records, self.config.train, self.config.model)
 
     def save(self, state: dict, target) -> None:
         self.layout.save(self.shared.model, state, target)

@@ -11,7 +11,7 @@ import contextlib
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -57,16 +57,19 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
 
 def train_local(model, task, records: list, train_cfg: TrainConfig, model_cfg: ModelConfig, *,
                 seed: int, extra_loss: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+                mix: Callable[[Iterator[list]], Iterable[list]] | None = None,
                 progress: Callable[[int, float], None] | None = None) -> TrainResult:
     """Run `train_cfg.local_steps` AdamW steps on `records`.
 
-    `extra_loss(model)` is added to each step's loss (e.g. a proximal term).
+    `extra_loss(model)` is added to each step's loss (e.g. a proximal or EWC term);
+    `mix(batches)` may rewrite the sampled batches (e.g. append replayed records).
     """
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     model.train()
     start, losses, examples, tokens = time.perf_counter(), [], 0, 0
-    for step, chunk in enumerate(sample_batches(records, train_cfg.batch_size, train_cfg.local_steps, seed)):
+    batches = sample_batches(records, train_cfg.batch_size, train_cfg.local_steps, seed)
+    for step, chunk in enumerate(mix(batches) if mix is not None else batches):
         batch = task.encode(chunk)
         with autocast(model_cfg):
             loss = task.per_example_loss(model, batch).mean()

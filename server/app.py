@@ -5,6 +5,12 @@ aggregates their replies; then `evaluate_fn` scores the new global adapter on
 the global test split, saves it in PEFT format and commits the round to the
 run folder. A run folder that already holds completed rounds is resumed from
 its last checkpoint.
+
+With continual learning on (data.task_column), the run has tasks x
+continual.rounds_per_task rounds; each round's ConfigRecord names its task,
+and `evaluate_fn` adds the zero-shot accuracies (before round 1) and one row
+of the accuracy matrix per finished task to metrics.json's ``continual``
+section, committed with the round (see fedcl/continual_session.py).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedcl.config import ConfigError, from_run_config
+from fedcl.continual_session import ServerContinual, resolve_rounds
 from fedcl.privacy import report as privacy_report
 from fedcl.progress import RoundProgress
 from fedcl.session import GlobalEvaluator
@@ -35,7 +42,7 @@ def numeric(metrics: dict) -> dict:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = from_run_config(dict(context.run_config))
+    config = resolve_rounds(from_run_config(dict(context.run_config)))
     if not config.run.out_dir:
         raise ConfigError("run.out_dir: the ServerApp needs a run folder to write to")
     run_dir = RunDir(config.run.out_dir)
@@ -47,6 +54,7 @@ def main(grid: Grid, context: Context) -> None:
     if config.privacy.enabled:
         metrics["privacy"] = {**metrics.get("privacy", {}), **privacy_report.run_section(config)}
     done = run_dir.completed_rounds()
+    continual = ServerContinual(config, evaluator, metrics, done) if config.continual_on else None
     remaining = config.federation.rounds - done
     if remaining <= 0:
         logger.info("run %s already has %d of %d rounds", run_dir.path, done, config.federation.rounds)
@@ -58,6 +66,8 @@ def main(grid: Grid, context: Context) -> None:
     strategy = build_strategy(config, round_offset=done, reply_template=evaluator.shared.initial_state)
     if done and run_dir.strategy_state_file.exists():  # moments, momentum: resume exactly
         strategy.load_state_dict(json.loads(run_dir.strategy_state_file.read_text(encoding="utf-8")))
+    if continual is not None:
+        strategy.set_round_config(continual.round_config)
     progress = RoundProgress(config.federation.rounds, done)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -66,6 +76,8 @@ def main(grid: Grid, context: Context) -> None:
         if server_round == 0:
             if done == 0:
                 metrics["initial_eval"] = evaluator.evaluate(arrays_to_state(arrays))
+                if continual is not None:
+                    continual.before_round_one(arrays_to_state(arrays))
                 progress.initial(metrics["initial_eval"])
             return None
         state = arrays_to_state(arrays)
@@ -73,6 +85,8 @@ def main(grid: Grid, context: Context) -> None:
         evaluator.save(state, run_dir.adapter_dir(run_round))
         record = strategy.records.pop(run_round, {"round": run_round})
         record["eval"] = result
+        if continual is not None:  # the matrix row is committed with the round
+            continual.after_round(run_round, state, record)
         if "privacy" in metrics:
             privacy_report.note_clients(metrics["privacy"], record.get("clients", []))
         record["server_eval_seconds"] = time.perf_counter() - started

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -32,6 +32,11 @@ PARTITION_ID = "partition-id"
 # otherwise the client did not train and sent no arrays, e.g. 1: privacy budget spent).
 EPSILON = "epsilon"
 STATUS = "status"
+# Continual learning: the client holds no records of this round's task; it sent
+# metrics only. Not a failure or a refusal, just nothing to aggregate.
+STATUS_NO_TASK_DATA = 2
+# The per-round ConfigRecord key naming the continual task (0-based) of the round.
+TASK = "task"
 
 
 class RoundBookkeeping:
@@ -44,6 +49,19 @@ class RoundBookkeeping:
         self.round_offset = round_offset
         self.min_replies = min_replies
         self.records: dict[int, dict] = {}
+        self.round_config: Callable[[int], dict] | None = None
+
+    def set_round_config(self, round_config: Callable[[int], dict]) -> None:
+        """`round_config(run_round)` adds entries (e.g. the continual task) to every round's ConfigRecord."""
+        self.round_config = round_config
+
+    def _add_round_config(self, messages: list[Message], run_round: int) -> None:
+        extra = self.round_config(run_round) if self.round_config is not None else {}
+        for m in messages:
+            record = m.content.config_records[self.configrecord_key]  # type: ignore[attr-defined]
+            record["server-round"] = run_round
+            for key, value in extra.items():
+                record[key] = value
 
     def run_round(self, server_round: int) -> int:
         return self.round_offset + server_round
@@ -51,7 +69,7 @@ class RoundBookkeeping:
     def record(self, server_round: int) -> dict:
         return self.records.setdefault(self.run_round(server_round), {
             "round": self.run_round(server_round), "bytes_down": 0, "bytes_up": 0,
-            "clients": [], "failures": 0, "rejected": 0, "refused": 0,
+            "clients": [], "failures": 0, "rejected": 0, "refused": 0, "idle": 0,
         })
 
     def _sample(self, grid: Grid, server_round: int) -> list[int]:
@@ -69,9 +87,7 @@ class RoundBookkeeping:
         messages = list(super().configure_train(server_round, arrays, config, grid))  # type: ignore[misc]
         chosen = set(self._sample(grid, server_round))
         messages = [m for m in messages if m.metadata.dst_node_id in chosen]
-        run_round = self.run_round(server_round)
-        for m in messages:
-            m.content.config_records[self.configrecord_key]["server-round"] = run_round  # type: ignore[attr-defined]
+        self._add_round_config(messages, self.run_round(server_round))
         self.before_send(messages, train=True)
         self.record(server_round)["bytes_down"] += sum(message_bytes(m.content) for m in messages)
         return messages
@@ -79,8 +95,7 @@ class RoundBookkeeping:
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))  # type: ignore[misc]
-        for m in messages:
-            m.content.config_records[self.configrecord_key]["server-round"] = self.run_round(server_round)  # type: ignore[attr-defined]
+        self._add_round_config(messages, self.run_round(server_round))
         self.before_send(messages, train=False)
         self.record(server_round)["bytes_down_eval"] = sum(message_bytes(m.content) for m in messages)
         return messages
@@ -102,6 +117,8 @@ class RoundBookkeeping:
                 screened = self.screen_reply(msg, rec)
                 if screened is not None:
                     usable.append(screened)
+            elif int(metrics.get(STATUS, 0)) == STATUS_NO_TASK_DATA:
+                rec["idle"] += 1
             elif int(metrics.get(STATUS, 0)) != 0:
                 rec["refused"] += 1
                 log(WARNING, "round %d: client %d refused to train (status %d, epsilon %.3f)",

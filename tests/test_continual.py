@@ -13,11 +13,11 @@ from scipy.stats import chisquare
 from continual import metrics as clm
 from continual.ewc import (GradSquareAccumulator, OnlineEWC, aggregate_fisher, compute_fisher, dp_step,
                            fisher_from_grads)
-from continual.methods import EWC, METHODS, Combined, MethodConfig, Naive, Replay, make_method
+from continual.methods import EWC, METHODS, Combined, Naive, Replay, make_method
 from continual.replay import ReservoirBuffer, mix_batches, replay_count
 from continual.state import StateError
 from continual.streams import StreamError, Task, by_label_groups, by_period, client_share, from_files, parse_date
-from fedcl.config import ConfigError, DataConfig
+from fedcl.config import ConfigError, ContinualConfig, DataConfig
 
 pytestmark = pytest.mark.continual
 
@@ -363,17 +363,19 @@ def test_fisher_on_lora_covers_exactly_the_adapter(tiny):
 # -- methods ------------------------------------------------------------------------------
 
 def test_registry_builds_each_method():
-    kinds = {name: make_method(MethodConfig(method=name)) for name in METHODS}
+    kinds = {name: make_method(ContinualConfig(strategy=name)) for name in METHODS}
     assert type(kinds["naive"]) is Naive and type(kinds["replay"]) is Replay and type(kinds["ewc"]) is EWC
     assert isinstance(kinds["replay+ewc"], Combined) and kinds["replay+ewc"].name == "replay+ewc"
-    with pytest.raises(ConfigError, match="continual.method: got 'lwf'"):
-        MethodConfig(method="lwf")
+    with pytest.raises(ConfigError, match="continual.strategy: got 'lwf'"):
+        ContinualConfig(strategy="lwf")
+    with pytest.raises(ConfigError, match="Avalanche engine is not installed"):
+        ContinualConfig(strategy="avalanche:EWCPlugin")
     with pytest.raises(ConfigError, match="continual.replay_ratio"):
-        MethodConfig(replay_ratio=1.0)
+        ContinualConfig(replay_ratio=1.0)
 
 
 def test_combined_method_through_its_lifecycle(tmp_path):
-    method = make_method(MethodConfig(method="replay+ewc", replay_capacity=2, ewc_strength=2.0))
+    method = make_method(ContinualConfig(strategy="replay+ewc", replay_capacity=2, ewc_strength=2.0))
     model, task = linear_model(), LinearTask()
     naive = Naive()
     assert float(naive.extra_loss(model)) == 0.0 and list(naive.mix([[1]])) == [[1]]
@@ -390,10 +392,10 @@ def test_combined_method_through_its_lifecycle(tmp_path):
     method.save(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ewc.safetensors", "replay.json"]
     assert "x" in json.loads((tmp_path / "replay.json").read_text())["pools"][""]["items"][0]
-    fresh = make_method(MethodConfig(method="replay+ewc", replay_capacity=2, ewc_strength=2.0))
+    fresh = make_method(ContinualConfig(strategy="replay+ewc", replay_capacity=2, ewc_strength=2.0))
     fresh.load(tmp_path)
     assert fresh.extra_loss(model).item() == pytest.approx(37 / 3)
-    again = make_method(MethodConfig(method="replay+ewc", replay_capacity=2, ewc_strength=2.0))
+    again = make_method(ContinualConfig(strategy="replay+ewc", replay_capacity=2, ewc_strength=2.0))
     again.load_state_dict(method.state_dict())
     assert next(iter(again.mix([new]))) == next(iter(method.mix([new])))  # mixing rng restored too
     with pytest.raises(StateError, match="kind"):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -53,14 +53,18 @@ def _empty_grad_samples(params: list[torch.nn.Parameter]) -> None:
 def train_private(model, task, records: list, train_cfg: TrainConfig, model_cfg: ModelConfig,
                   plan: DPPlan, *, generator: torch.Generator | None = None,
                   make_optimizer: Callable[[list], torch.optim.Optimizer] | None = None,
-                  progress: Callable[[int, float], None] | None = None) -> TrainResult:
+                  progress: Callable[[int, float], None] | None = None,
+                  after_noise: Sequence[Callable[[], None]] = ()) -> TrainResult:
     """Run `plan.steps_per_round` DP-AdamW steps on `records` (plan from `plan_for`).
 
     `make_optimizer(params)` replaces AdamW (tests use plain SGD to read the
-    privatised gradient off the update).
+    privatised gradient off the update). `after_noise` callbacks run after each
+    step's noise, before the update (see the module docstring).
     """
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
+
+    from continual.ewc import dp_step
 
     if not records:
         raise ValueError("cannot train on an empty set of records")
@@ -90,7 +94,7 @@ def train_private(model, task, records: list, train_cfg: TrainConfig, model_cfg:
                 tokens += int(batch.attention_mask.sum())
             else:
                 _empty_grad_samples(params)
-            optimizer.step()
+            dp_step(optimizer, *after_noise)
             examples += len(indices)
             if progress is not None:
                 progress(step + 1, losses[-1] if losses else float("nan"))

@@ -1,0 +1,333 @@
+"""Continual learning in a federation: the stream, the round -> task map, a node's method, the matrix.
+
+With ``data.task_column`` set, the run's records are cut into a stream of tasks
+(`continual.streams.by_period`, one per year/quarter/month of that column) and
+the federation spends ``continual.rounds_per_task`` rounds on each, in order:
+
+- `task_of_round` maps a run round (1-based) to its task (0-based); the server
+  sends it to clients in each round's ConfigRecord (``task``).
+- `NodeContinual` is one node's side: its share of every task
+  (`continual.streams.client_share`), its method (replay buffer, EWC
+  importances) kept in the node's state folder, and one round of training on
+  the current task, plain or DP-SGD. Replayed records never leave the node.
+- `ServerContinual` is the server's side: zero-shot accuracies before round 1,
+  one row of the accuracy matrix after each task's last round, and the
+  ``continual`` section of metrics.json built from them (`continual.metrics`).
+
+A task is closed on the node lazily, at the first round of a later task in
+which the node trains: `after_task` then sees the *global* adapter after the
+task as its anchor (a model the federation already released). Under DP the
+Fisher comes from the squared gradients DP-SGD released while training the
+task (`GradSquareAccumulator`), never from another pass over the raw data; the
+raw (noise-inclusive) mean is kept, whose constant noise floor acts as a plain
+L2 pull towards the anchor. Replay under DP trains on ``share + replayed``
+as one Poisson-sampled pool; the noise is calibrated once for the whole run at
+the highest sample rate any task can have (batch / smallest task share), so
+every task's actual, lower rate costs less than planned. Nothing here imports Flower.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from continual import metrics as clm
+from continual.ewc import GradSquareAccumulator, fisher_from_grads, trainable
+from continual.methods import Method, make_method
+from continual.replay import replay_count, replay_pool
+from continual.state import atomic_write, check_state
+from continual.streams import StreamError, Task, by_period, client_share
+from fedcl.config import Config, ConfigError
+
+logger = logging.getLogger("fedcl.continual")
+
+STATE_FILE = "continual.json"
+ACCUMULATOR_FILE = "dp-grad-squares.safetensors"
+KIND = "fedcl.continual.node"
+VERSION = 1
+DEFINITIONS = {
+    "accuracy_matrix": "R[k][j]: global accuracy on task j's test split after the last round of task k",
+    "zero_shot": "b[j]: accuracy on task j before round 1",
+    "average_accuracy": "mean_j<=K-1 R[K-1][j]",
+    "bwt": "mean_j<K-1 R[K-1][j] - R[j][j] (backward transfer)",
+    "forgetting": "mean_j<K-1 max_k<K-1 R[k][j] - R[K-1][j]",
+    "fwt": "mean_1<=j<=K-1 R[j-1][j] - b[j] (forward transfer)",
+}
+
+
+# -- the stream and the schedule ------------------------------------------------------
+
+def task_of_round(run_round: int, rounds_per_task: int) -> int:
+    """The 0-based task a 1-based run round trains on."""
+    if run_round < 1:
+        raise ValueError(f"run round: got {run_round!r}, expected >= 1")
+    return (run_round - 1) // rounds_per_task
+
+
+def ends_task(run_round: int, rounds_per_task: int) -> bool:
+    return run_round >= 1 and run_round % rounds_per_task == 0
+
+
+@functools.lru_cache(maxsize=4)
+def build_stream(data_cfg, seed: int) -> tuple[Task, ...]:
+    """The run's tasks, oldest first, each with its slice of the global test split."""
+    from fedcl.session import dataset_for
+
+    dataset = dataset_for(data_cfg, seed)
+    stream = by_period(dataset.train, data_cfg.task_column, data_cfg.task_period,
+                       test_records=dataset.test, seed=seed)
+    empty = [task.name for task in stream if not task.test_records]
+    if empty:
+        raise StreamError(f"data.task_column = {data_cfg.task_column!r}: task(s) {', '.join(empty)} have no "
+                          f"test records; use a coarser data.task_period (now {data_cfg.task_period!r}) "
+                          "or more test data")
+    return tuple(stream)
+
+
+def resolve_rounds(config: Config) -> Config:
+    """With continual learning on, federation.rounds = tasks x continual.rounds_per_task."""
+    if not config.continual_on:
+        return config
+    rounds = len(build_stream(config.data, config.train.seed)) * config.continual.rounds_per_task
+    if rounds == config.federation.rounds:
+        return config
+    return dataclasses.replace(config, federation=dataclasses.replace(config.federation, rounds=rounds))
+
+
+# -- a node ---------------------------------------------------------------------------
+
+def node_seed(seed: int, client_id: int) -> int:
+    return (seed * 1_000_003 + 7919 * (client_id + 1)) & 0xFFFF_FFFF
+
+
+class NodeContinual:
+    """One node's continual state and training; `session` is its `fedcl.session.LocalSession`."""
+
+    def __init__(self, session, state_dir: str | Path, *, share: int, num_shares: int):
+        self.session, self.config = session, session.config
+        self.state_dir = Path(state_dir)
+        stream = build_stream(self.config.data, self.config.train.seed)
+        self.shares = client_share(list(stream), share, num_shares, self.config.train.seed)
+        self.method: Method = make_method(self.config.continual, node_seed(self.config.train.seed,
+                                                                          session.client_id))
+        self.method.load(self.state_dir)
+        self.closed = self._read_closed()
+
+    def records(self, task: int) -> list[dict]:
+        if not 0 <= task < len(self.shares):
+            raise ValueError(f"task index {task} is out of range for a stream of {len(self.shares)} tasks")
+        return self.shares[task].train_records
+
+    # -- state in the node's folder ------------------------------------------------------
+    def _read_closed(self) -> int:
+        path = self.state_dir / STATE_FILE
+        if not path.exists():
+            return 0
+        state = check_state(json.loads(path.read_text(encoding="utf-8")), KIND, VERSION, str(path))
+        if state["strategy"] != self.config.continual.strategy:
+            raise ConfigError(f"{path}: this node's continual state is for strategy {state['strategy']!r}, "
+                              f"the run uses {self.config.continual.strategy!r}; use another state folder")
+        return int(state["closed"])
+
+    def save(self) -> None:
+        self.method.save(self.state_dir)
+        state = {"kind": KIND, "version": VERSION, "strategy": self.config.continual.strategy,
+                 "closed": self.closed}
+        atomic_write(self.state_dir / STATE_FILE, json.dumps(state).encode("utf-8"))
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def catch_up(self, task: int, dp: bool) -> None:
+        """Close every task before `task` not closed yet, on the model as now loaded (the global one)."""
+        model = self.session.model
+        while self.closed < task:
+            j = self.closed
+            fisher = self._released_fisher(j, model) if dp else None
+            self.method.after_task(model, self.session.shared.task, self.records(j), fisher=fisher)
+            self.closed += 1
+            logger.info("client %d | task %d closed (%s)", self.session.client_id, j, self.method.name)
+        self.method.before_task(task, self.records(task))
+
+    def _released_fisher(self, task: int, model) -> dict[str, torch.Tensor]:
+        """Fisher from the gradients DP-SGD released on `task`; zeros if this node released none."""
+        sums, count = _load_accumulator(self.state_dir / ACCUMULATOR_FILE, task)
+        if count:
+            return fisher_from_grads(sums, count)
+        return OrderedDict((n, torch.zeros_like(p, dtype=torch.float32)) for n, p in trainable(model).items())
+
+    def begin(self, state: dict, task: int, *, dp: bool) -> dict:
+        """Load the global `state`, close earlier tasks; return what the update is measured against."""
+        start = self.session.load_global(state)
+        self.catch_up(task, dp=dp)
+        self.save()
+        return start
+
+    def train(self, start: dict, server_round: int, task: int, *, pool: list[dict] | None = None,
+              dp_plan=None, progress=None):
+        """One round on `task` after `begin` -> (new adapter state, TrainResult).
+
+        With a `dp_plan` the round is DP-SGD on `pool` (`dp_pool`), else plain
+        training on the task's share with the method's batch mixing and loss term.
+        """
+        from fedcl import adapters
+        from fedcl.regularizers import proximal_term
+        from fedcl.session import round_seed
+        from fedcl.train import train_local
+
+        if dp_plan is not None:
+            result = self._train_private(pool if pool is not None else self.records(task), task, dp_plan,
+                                         progress)
+        else:
+            mu = self.config.strategy.client_proximal_mu
+            prox = proximal_term(start, mu=mu) if mu > 0 else None
+            extra = self.method.extra_loss if prox is None else (
+                lambda model: self.method.extra_loss(model) + prox(model))
+            result = train_local(self.session.model, self.session.shared.task, self.records(task),
+                                 self.config.train, self.config.model, extra_loss=extra, mix=self.method.mix,
+                                 progress=progress,
+                                 seed=round_seed(self.config.train.seed, server_round, self.session.client_id))
+        self.save()
+        return adapters.adapter_state(self.session.model), result
+
+    def dp_pool(self, task: int) -> list[dict]:
+        """The DP training set of `task`: the share plus replayed records (a fresh draw each round)."""
+        records = self.records(task)
+        buffer = getattr(self.method, "buffer", None) or next(
+            (p.buffer for p in getattr(self.method, "parts", []) if hasattr(p, "buffer")), None)
+        if buffer is None or not len(buffer):
+            return list(records)
+        k = replay_count(len(records), self.config.continual.replay_ratio)
+        return replay_pool(records, buffer, k, np.random.default_rng())
+
+    def _train_private(self, pool_records, task, dp_plan, progress):
+        from fedcl.privacy.dpsgd import train_private
+
+        path = self.state_dir / ACCUMULATOR_FILE
+        sums, count = _load_accumulator(path, task)
+        acc = GradSquareAccumulator()
+        acc.sums, acc.count = sums, count
+        model = self.session.model
+        result = train_private(model, self.session.shared.task, pool_records, self.config.train,
+                               self.config.model, dp_plan, progress=progress,
+                               after_noise=(lambda: acc.add(model),
+                                            lambda: self.method.add_penalty_gradient(model)))
+        _save_accumulator(path, task, acc)
+        return result
+
+
+def _load_accumulator(path: Path, task: int) -> tuple[dict, int]:
+    """The squared released gradients of `task` so far (empty for another task or none)."""
+    if not path.exists():
+        return OrderedDict(), 0
+    from safetensors.torch import load_file
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    if meta.get("kind") != "fedcl.continual.grad_squares" or int(meta.get("task", -1)) != task:
+        return OrderedDict(), 0
+    tensors = load_file(str(path))
+    names = [n for n in meta.get("names", "").split("\n") if n]
+    return OrderedDict((n, tensors[n]) for n in names), int(meta["count"])
+
+
+def _save_accumulator(path: Path, task: int, acc: GradSquareAccumulator) -> None:
+    from safetensors.torch import save as to_bytes
+
+    meta = {"kind": "fedcl.continual.grad_squares", "task": str(task), "count": str(acc.count),
+            "names": "\n".join(acc.sums)}
+    atomic_write(path, to_bytes({n: t.contiguous() for n, t in acc.sums.items()}, metadata=meta))
+
+
+def dp_base_plan(config: Config, shares: list[Task]):
+    """The node's run-long DP plan: noise calibrated at the highest sample rate of its tasks."""
+    from fedcl.privacy import plan_for
+
+    sizes = [len(t.train_records) for t in shares if t.train_records]
+    if not sizes:
+        raise ConfigError("privacy: this client holds no training records in any task")
+    return plan_for(config.privacy, num_records=min(sizes), batch_size=config.train.batch_size,
+                    local_steps=config.train.local_steps, rounds=config.federation.rounds,
+                    proximal_mu=config.strategy.client_proximal_mu)
+
+
+def task_plan(base, pool_size: int, batch_size: int):
+    """`base` with this task's sample rate (<= the calibrated one, as its pool is >= the smallest share)."""
+    rate = min(1.0, batch_size / pool_size)
+    return dataclasses.replace(base, sample_rate=rate, expected_batch_size=max(1, round(rate * pool_size)))
+
+
+# -- the server -------------------------------------------------------------------------
+
+def _finite(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def continual_section(config: Config, names: list[str], matrix: list[list[float]],
+                      zero_shot: list[float] | None) -> dict:
+    """metrics.json's ``continual`` section from the rows so far (figures None while undefined)."""
+    section = {"strategy": config.continual.strategy, "rounds_per_task": config.continual.rounds_per_task,
+               "task_column": config.data.task_column, "task_period": config.data.task_period,
+               "tasks": list(names), "accuracy_matrix": [list(r) for r in matrix],
+               "zero_shot": list(zero_shot) if zero_shot is not None else None,
+               "average_accuracy": None, "bwt": None, "forgetting": None, "fwt": None,
+               "definitions": DEFINITIONS}
+    if matrix:
+        section.update(average_accuracy=clm.average_accuracy(matrix), bwt=_finite(clm.backward_transfer(matrix)),
+                       forgetting=_finite(clm.forgetting(matrix)),
+                       fwt=_finite(clm.forward_transfer(matrix, zero_shot)) if zero_shot else None)
+    return section
+
+
+class ServerContinual:
+    """The server's accuracy matrix, kept inside the run's metrics dict (so commits carry it)."""
+
+    def __init__(self, config: Config, evaluator, metrics: dict, done: int):
+        self.config, self.evaluator, self.metrics = config, evaluator, metrics
+        if config.data.task != "classification":
+            raise ConfigError(f"data.task_column: continual learning reports accuracies, so it needs "
+                              f"data.task = \"classification\" (got {config.data.task!r})")
+        self.stream = build_stream(config.data, config.train.seed)
+        self.names = [t.name for t in self.stream]
+        old = metrics.get("continual") or {}
+        if old and old.get("tasks") != self.names:
+            raise ConfigError(f"metrics.json: the run's continual tasks {old.get('tasks')} differ from "
+                              f"this stream's {self.names}")
+        # Rows of tasks finished by the last committed round only (a crash may leave one more).
+        rows = (old.get("accuracy_matrix") or [])[: done // config.continual.rounds_per_task]
+        self.matrix, self.zero_shot = rows, old.get("zero_shot")
+        self._write()
+
+    def round_config(self, run_round: int) -> dict:
+        return {"task": task_of_round(run_round, self.config.continual.rounds_per_task)}
+
+    def accuracies(self, state: dict) -> list[float]:
+        out = []
+        for task in self.stream:
+            result = self.evaluator.evaluate_records(state, task.test_records)
+            out.append(float(result["accuracy"]))
+        return out
+
+    def before_round_one(self, state: dict) -> None:
+        self.zero_shot = self.accuracies(state)
+        self._write()
+
+    def after_round(self, run_round: int, state: dict, record: dict) -> None:
+        rpt = self.config.continual.rounds_per_task
+        record["task"] = task_of_round(run_round, rpt)
+        if ends_task(run_round, rpt):
+            self.matrix = self.matrix[: run_round // rpt - 1] + [self.accuracies(state)]
+            record["task_accuracies"] = self.matrix[-1]
+            self._write()
+            logger.info("task %s done | accuracy %s", self.names[len(self.matrix) - 1],
+                        " ".join(f"{a:.3f}" for a in self.matrix[-1]))
+
+    def _write(self) -> None:
+        self.metrics["continual"] = continual_section(self.config, self.names, self.matrix, self.zero_shot)

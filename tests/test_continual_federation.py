@@ -1,0 +1,157 @@
+"""Continual learning through the real ServerApp and ClientApp, in-process (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from continual import metrics as clm
+from continual.ewc import OnlineEWC
+from fedcl.config import ConfigError, load_config
+from fedcl.continual_session import build_stream, ends_task, task_of_round
+from tests.test_apps import run_server
+
+pytestmark = pytest.mark.continual
+
+SMALL = ["model.name=tiny-llama", "data.max_records=36", "data.max_test_records=18",
+         "train.local_steps=1", "train.batch_size=4", "federation.clients=2",
+         "data.task_column=date", "data.task_period=year", "continual.rounds_per_task=1"]
+
+
+@pytest.fixture(scope="module")
+def three_years(tmp_path_factory):
+    """drugreview-condition's reviews of 2015-2017 as a user's file: a stream of three yearly tasks."""
+    from fedcl.config import DataConfig
+    from fedcl.data import load_dataset
+
+    dataset = load_dataset(DataConfig(), 0)
+    path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
+    with path.open("w", encoding="utf-8") as out:
+        for r in dataset.train + dataset.test:
+            if r["meta"]["date"][-4:] in ("2015", "2016", "2017"):
+                out.write(json.dumps({"text": r["text"], "label": r["label"], "date": r["meta"]["date"]}) + "\n")
+    return path
+
+
+@pytest.fixture
+def small(tmp_path, three_years):
+    def build(*extra):
+        return load_config(None, SMALL + [f"data.path={three_years}", "data.dataset=",
+                                          f"run.out_dir={tmp_path / 'run'}",
+                                          f"run.state_dir={tmp_path / 'state'}", *extra])
+    return build
+
+
+@pytest.mark.parametrize("rounds_per_task, expected", [(1, [0, 1, 2]), (2, [0, 0, 1, 1, 2, 2])])
+def test_round_to_task_is_a_pure_function(rounds_per_task, expected):
+    rounds = range(1, len(expected) + 1)
+    assert [task_of_round(r, rounds_per_task) for r in rounds] == expected
+    assert [r for r in rounds if ends_task(r, rounds_per_task)] == list(range(rounds_per_task, len(expected) + 1,
+                                                                              rounds_per_task))
+
+
+def test_avalanche_and_unknown_strategies_are_refused():
+    with pytest.raises(ConfigError, match="Avalanche engine is not installed in this build yet"):
+        load_config(None, ["continual.strategy=avalanche:EWCPlugin"])
+    with pytest.raises(ConfigError, match="continual.strategy: got 'lwf'"):
+        load_config(None, ["continual.strategy=lwf"])
+    with pytest.raises(ConfigError, match="data.task_period"):
+        load_config(None, ["data.task_period=week"])
+
+
+def check_section(metrics, config):
+    section = metrics["continual"]
+    names = [t.name for t in build_stream(config.data, config.train.seed)]
+    T = len(names)
+    R, b = section["accuracy_matrix"], section["zero_shot"]
+    assert section["tasks"] == names and len(R) == T and all(len(row) == T for row in R)
+    assert len(b) == T and all(0.0 <= a <= 1.0 for row in R + [b] for a in row)
+    assert section["average_accuracy"] == pytest.approx(clm.average_accuracy(R))
+    assert section["bwt"] == pytest.approx(clm.backward_transfer(R))
+    assert section["forgetting"] == pytest.approx(clm.forgetting(R))
+    assert section["fwt"] == pytest.approx(clm.forward_transfer(R, b))
+    assert [r["task"] for r in metrics["rounds"]] == [task_of_round(r["round"], 1) for r in metrics["rounds"]]
+    assert len(metrics["rounds"]) == T * config.continual.rounds_per_task
+    return section
+
+
+@pytest.mark.parametrize("strategy", ["naive", "replay", "ewc", "replay+ewc"])
+def test_each_strategy_writes_the_accuracy_matrix(tmp_path, small, strategy):
+    config = small(f"continual.strategy={strategy}")
+    _, metrics = run_server(config)
+    check_section(metrics, config)
+    states = sorted(p.name for p in (tmp_path / "state" / "client-0").iterdir())
+    assert "continual.json" in states
+    assert ("replay.json" in states) == ("replay" in strategy)
+    assert ("ewc.safetensors" in states) == ("ewc" in strategy)
+
+
+def test_dp_replay_ewc_completes_and_reports_epsilon(tmp_path, small, monkeypatch):
+    # The EWC gradient added after the DP noise must be non-zero once a task is closed:
+    # that is what changes the DP update (continual/test_continual pins its exact effect).
+    added = []
+    original = OnlineEWC.add_penalty_gradient
+
+    def spy(self, model):
+        if self.fisher:
+            added.append(max(float(g.abs().max()) for g in self.penalty_gradient(model).values()))
+        return original(self, model)
+
+    monkeypatch.setattr(OnlineEWC, "add_penalty_gradient", spy)
+    config = small("continual.strategy=replay+ewc", "privacy.target_epsilon=8",
+                   "privacy.delta=1e-3", "continual.ewc_strength=1000", "train.local_steps=2")
+    _, metrics = run_server(config)
+    check_section(metrics, config)
+    eps = [c["epsilon"] for r in metrics["rounds"] for c in r["clients"] if "epsilon" in c]
+    assert eps and all(0 < e <= 8.0 + 1e-6 for e in eps)
+    assert added and max(added) > 0
+    # replayed records joined the DP pool after the first task
+    pools = [c["train_pool"] for r in metrics["rounds"][1:] for c in r["clients"] if "train_pool" in c]
+    exact = [c["num_examples"] for r in metrics["rounds"][1:] for c in r["clients"] if "train_pool" in c]
+    assert any(p > n for p, n in zip(pools, exact))
+
+
+def test_resume_mid_stream_keeps_the_matrix(tmp_path, small):
+    config = small("continual.strategy=replay")
+    T = len(build_stream(config.data, config.train.seed))
+    # A first run killed right after round 2's commit (of 3), then resumed.
+    from server.checkpoint import RunDir
+
+    original = RunDir.commit_round
+
+    def stop_after_two(self, metrics, server_round, strategy_state):
+        original(self, metrics, server_round, strategy_state)
+        if server_round == 2:
+            raise KeyboardInterrupt
+
+    RunDir.commit_round = stop_after_two
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_server(config)
+    finally:
+        RunDir.commit_round = original
+    first = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert len(first["continual"]["accuracy_matrix"]) == 2
+    _, metrics = run_server(config)
+    section = check_section(metrics, config)
+    assert section["accuracy_matrix"][:2] == first["continual"]["accuracy_matrix"]
+    assert section["zero_shot"] == first["continual"]["zero_shot"]
+    assert len(section["accuracy_matrix"]) == T
+
+
+def test_report_draws_the_continual_figures(tmp_path):
+    from fedcl.report import continual_figures, write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    R = [[0.6, 0.3, 0.2], [0.5, 0.7, 0.3], [0.4, 0.6, 0.8]]
+    metrics = {"model": {}, "rounds": [{"round": 1, "eval": {"accuracy": 0.5, "loss": 1.0}, "clients": []}],
+               "continual": {"tasks": ["2015", "2016", "2017"], "accuracy_matrix": R,
+                             "zero_shot": [0.3, 0.3, 0.3], "strategy": "naive"}}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    written = {p.name for p in write_report(run)}
+    assert {"accuracy_matrix.png", "task_accuracy.png"} <= written
+    assert continual_figures({"rounds": []}) == {}
