@@ -7,7 +7,6 @@ runner that writes real run folders with chosen metrics, so they are exact.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -227,11 +226,7 @@ FEDCL = str(Path(sys.executable).with_name("fedcl"))
 
 @pytest.mark.engine
 def test_tune_command_on_the_real_engine(tmp_path):
-    (tmp_path / "base.toml").write_text("\n".join(
-        f"[{k.split('.')[0]}]\n{k.split('.')[1]} = {json.dumps(v)}" for k, v in (
-            ("model.name", "tiny-llama"), ("data.max_records", 40), ("data.max_test_records", 16),
-            ("federation.clients", 2), ("federation.rounds", 1), ("train.local_steps", 1),
-            ("train.batch_size", 4))))
+    (tmp_path / "base.toml").write_text(load_config(None, TINY).to_toml())
     (tmp_path / "space.toml").write_text("[train.lr]\nlow = 1e-4\nhigh = 1e-2\nlog = true\n")
     out = tmp_path / "study"
     tune = [FEDCL, "tune", "--config", str(tmp_path / "base.toml"), "--space", str(tmp_path / "space.toml"),
