@@ -78,10 +78,11 @@ def resolve_config(args) -> tuple[Config, Path]:
 
 
 def preflight(config: Config) -> None:
-    """Load model, data and task and split the data, so errors surface before any write."""
+    """Load data, model and task and split the data, so errors surface before any write."""
     from fedcl import data
-    from fedcl.session import GlobalEvaluator
+    from fedcl.session import GlobalEvaluator, dataset_for
 
+    dataset_for(config.data, config.train.seed)  # a bad data file fails fast, before the model loads
     evaluator = GlobalEvaluator(config)
     for client in range(config.federation.clients):
         train, _ = data.client_split(config.data, evaluator.shared.dataset, client,
@@ -182,7 +183,54 @@ def build_parser() -> argparse.ArgumentParser:
     from fedcl.tuning.cli import add_parser as add_tune
 
     add_tune(sub)
+    add_update(sub)
     return parser
+
+
+def add_update(sub) -> None:
+    p = sub.add_parser("update", help="train the next adapter version of a registry on new data",
+                       description="Start from the registry's latest adapter (a fresh one when it "
+                       "is empty), run the configured rounds on the new data (one --data file per "
+                       "institution: client k holds one file), and commit the next version.")
+    p.add_argument("--registry", metavar="REG", required=True, help="adapter registry folder")
+    p.add_argument("--data", metavar="FILE", action="append", required=True, dest="data_files",
+                   help="an institution's new JSONL/CSV file (repeatable)")
+    p.add_argument("--config", metavar="FILE", help="TOML config file")
+    p.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
+                   dest="overrides", help="override any config key (repeatable)")
+    for flag, (key, typ) in FLAGS.items():
+        p.add_argument("--" + flag.replace("_", "-"), type=typ, metavar=key.split(".")[-1].upper(),
+                       help=f"sets {key}")
+    ver = sub.add_parser("versions", help="list an adapter registry's versions and lineage")
+    ver.add_argument("registry", metavar="REG")
+
+
+def cmd_update(args) -> int:
+    from continual.update import UpdateError, run_update
+    from fedcl.simulation import run_simulation
+
+    flags = {key: getattr(args, name) for name, (key, _) in FLAGS.items()
+             if getattr(args, name, None) is not None}
+    config = load_config(args.config, args.overrides)
+    config = config.replace(flags, source="flags") if flags else config
+    try:
+        record = run_update(config, args.registry, args.data_files, runner=run_simulation,
+                            check=preflight)
+    except UpdateError as err:
+        print(f"fedcl: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.registry}: committed {record['version']} (parent {record['parent'] or '-'})")
+    return 0
+
+
+def cmd_versions(args) -> int:
+    from continual.registry import Registry
+    from continual.update import format_versions
+
+    if not Path(args.registry).is_dir():
+        raise UsageError(f"{args.registry}: no such registry folder")
+    print(format_versions(Registry(args.registry).records()))
+    return 0
 
 
 def cmd_deploy(args) -> int:
@@ -198,7 +246,8 @@ def cmd_tune(args) -> int:
 
 
 COMMANDS = {"simulate": cmd_simulate, "report": cmd_report, "privacy": cmd_privacy,
-            "deploy": cmd_deploy, "tune": cmd_tune}
+            "deploy": cmd_deploy, "tune": cmd_tune, "update": cmd_update,
+            "versions": cmd_versions}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -283,10 +283,11 @@ class PrivacyConfig:
 
     def __post_init__(self) -> None:
         _check_choice("privacy.mode", self.mode, get_args(PrivacyMode))
-        # Client-level DP (Flower's server-side clipping wrapper) is not wired in
-        # yet; refusing it beats a run that looks private and is not.
-        _check(self.mode == "sample" or not self.enabled, "privacy.mode", self.mode,
-               '"sample" (client-level DP, mode "client", is not implemented yet)')
+        # One mode at a time: client-level DP (server-side, strategies/client_dp.py)
+        # keeps no per-node ledger, so a lifetime node budget means sample-level DP.
+        _check(self.mode == "sample" or self.budget_epsilon == 0, "privacy.budget_epsilon",
+               self.budget_epsilon, '0 with privacy.mode = "client" (a node\'s lifetime budget is '
+               'sample-level DP, mode "sample"; the two modes do not combine)')
         _check_choice("privacy.accountant", self.accountant, get_args(AccountantKind))
         for key in ("noise_multiplier", "target_epsilon", "budget_epsilon"):
             value = getattr(self, key)
@@ -360,6 +361,9 @@ class RunConfig:
     # Simulation only: root of the virtual nodes' own state folders (one
     # `client-<id>/` each). In deployment each node names its own.
     state_dir: str = ""
+    # A saved global adapter folder (PEFT format, e.g. an adapter registry
+    # version's `adapter/`) that round 1 starts from instead of a fresh adapter.
+    init_adapter: str = ""
 
 
 @dataclass(frozen=True)
@@ -373,6 +377,13 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        # Client-level DP calibrates its noise to a plain average of clipped updates.
+        client_dp_strategies = ("fedavg", "ffa-lora", "fedprox")
+        _check(not (self.privacy.enabled and self.privacy.mode == "client")
+               or self.strategy.name in client_dp_strategies, "strategy.name", self.strategy.name,
+               f'one of {", ".join(client_dp_strategies)} with privacy.mode = "client"')
 
     @property
     def continual_on(self) -> bool:

@@ -60,6 +60,9 @@ def main(grid: Grid, context: Context) -> None:
         logger.info("run %s already has %d of %d rounds", run_dir.path, done, config.federation.rounds)
         return
     state = evaluator.initial_state
+    if config.run.init_adapter and not done:  # e.g. a continual update from a registry version
+        state = evaluator.load_saved(config.run.init_adapter)
+        logger.info("starting from adapter %s", config.run.init_adapter)
     if done:
         state = _load_round(evaluator, run_dir, done)
         logger.info("resuming %s after round %d", run_dir.path, done)

@@ -25,7 +25,15 @@ BUILDERS = {
 
 
 def build_strategy(config, *, round_offset: int = 0, reply_template: dict | None = None):
-    """The strategy named by `config.strategy.name`, resumed at `round_offset`."""
+    """The strategy named by `config.strategy.name`, resumed at `round_offset`.
+
+    With client-level DP on (privacy.mode = "client") it is that strategy's
+    equally weighted, clipped and noised variant (strategies/client_dp.py).
+    """
+    if config.privacy.enabled and config.privacy.mode == "client":
+        from strategies import client_dp
+
+        return client_dp.build(config, round_offset=round_offset, reply_template=reply_template)
     try:
         builder = BUILDERS[config.strategy.name]
     except KeyError:

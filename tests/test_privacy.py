@@ -266,7 +266,8 @@ def test_bad_privacy_settings_are_rejected(override, key):
 
 @pytest.mark.parametrize("overrides, key", [
     (["privacy.noise_multiplier=1", "privacy.target_epsilon=8"], "privacy.noise_multiplier"),
-    (["privacy.mode=client", "privacy.target_epsilon=8"], "privacy.mode"),  # not implemented yet
+    # one mode at a time: a node's lifetime budget is sample-level DP
+    (["privacy.mode=client", "privacy.target_epsilon=8", "privacy.budget_epsilon=10"], "privacy.budget_epsilon"),
 ])
 def test_conflicting_privacy_settings_are_rejected(overrides, key):
     with pytest.raises(ConfigError, match=key):

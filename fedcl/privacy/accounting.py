@@ -91,3 +91,49 @@ def plan_for(cfg: PrivacyConfig, *, num_records: int, batch_size: int, local_ste
         raise ConfigError(f"{key}: got {plan.epsilon_cap!r}, expected at least one step's cost "
                           f"{one_step:.4g} (noise {noise:.4g}, sample rate {sample_rate:.4g})")
     return plan
+
+
+@dataclass(frozen=True)
+class ClientDPPlan:
+    """Client-level DP of a run (privacy.mode = "client"), fixed before round 1.
+
+    Each round the server clips every client's update to `clip`, averages them
+    with equal weights and adds Gaussian noise of std noise_multiplier * clip /
+    (clients averaged): one Gaussian release per round, subsampled at
+    `sample_rate`. What it protects is a whole client's participation.
+    """
+
+    noise_multiplier: float
+    clip: float
+    sample_rate: float  # clients_per_round / clients (1.0 when all are sampled)
+    num_sampled: int
+    rounds: int  # what the noise was calibrated for
+    delta: float
+    accountant: str
+
+    def epsilon_after(self, rounds: int) -> float:
+        """Client-level epsilon at `delta` after `rounds` releases (inf without noise)."""
+        if self.noise_multiplier <= 0:
+            return math.inf
+        return epsilon([(self.noise_multiplier, self.sample_rate, rounds)], delta=self.delta,
+                       accountant=self.accountant)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def client_plan(cfg: PrivacyConfig, *, clients: int, clients_per_round: int, rounds: int) -> ClientDPPlan:
+    """Calibrate client-level DP once: noise for `rounds` releases at q = sampled / clients.
+
+    The accountant assumes each client joins a round independently with
+    probability q; fedcl samples a fixed number per round, the usual approximation.
+    """
+    if not cfg.enabled:
+        raise ConfigError("privacy: DP is off (set privacy.target_epsilon or privacy.noise_multiplier)")
+    sampled = clients_per_round or clients
+    sample_rate = min(1.0, sampled / clients)
+    noise = cfg.noise_multiplier or calibrate_noise(
+        target_epsilon=cfg.target_epsilon, delta=cfg.delta, sample_rate=sample_rate, steps=rounds,
+        accountant=cfg.accountant)
+    return ClientDPPlan(noise_multiplier=noise, clip=cfg.max_grad_norm, sample_rate=sample_rate,
+                        num_sampled=sampled, rounds=rounds, delta=cfg.delta, accountant=cfg.accountant)

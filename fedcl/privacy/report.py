@@ -16,6 +16,12 @@ from fedcl.privacy.ledger import LEDGER_FILE, PrivacyLedger
 
 def run_section(config: Config) -> dict:
     p, fed = config.privacy, config.federation
+    if p.mode == "client":  # the server's planned figures; each round records its epsilon
+        from fedcl.privacy.accounting import client_plan
+
+        plan = client_plan(p, clients=fed.clients, clients_per_round=fed.clients_per_round, rounds=fed.rounds)
+        return {"mode": "client", "target_epsilon": p.target_epsilon, **plan.to_dict(),
+                "planned_epsilon": plan.epsilon_after(plan.rounds)}
     return {
         "mode": p.mode, "delta": p.delta, "target_epsilon": p.target_epsilon,
         "noise_multiplier": p.noise_multiplier, "budget_epsilon": p.budget_epsilon,
