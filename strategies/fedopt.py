@@ -27,6 +27,20 @@ class FedOptState:
         super().load_state_dict(state)  # type: ignore[misc]
         self.m_t, self.v_t = decode_arrays(state.get("m_t")), decode_arrays(state.get("v_t"))
 
+    def aggregate_train(self, server_round, replies):
+        result = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+        # Keep the moments float32, as they are saved: whether numpy promotes
+        # them to float64 depends on its promotion mode, and a resumed run must
+        # continue from exactly what an uninterrupted one holds in memory.
+        for name in ("m_t", "v_t"):
+            moments = getattr(self, name)
+            if moments:
+                setattr(self, name, {k: np.asarray(v, dtype=np.float32) for k, v in moments.items()})
+        arrays, metrics = result
+        if arrays is not None:  # the global adapter is float32 wherever it is kept
+            arrays = ArrayRecord({k: Array(np.asarray(a.numpy(), dtype=np.float32)) for k, a in arrays.items()})
+        return arrays, metrics
+
 
 class LoraFedAdam(FedOptState, LoraStrategy, RunRoundNumbers, FedAdam):
     pass

