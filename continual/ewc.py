@@ -40,7 +40,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from continual.state import StateError, atomic_write, check_same, check_state
+from continual.state import StateError, check_same, check_state
+from fedcl.atomic import write_bytes
 
 KIND = "fedcl.continual.online_ewc"
 VERSION = 1
@@ -220,7 +221,7 @@ class OnlineEWC:
         meta = {"kind": KIND, "version": str(VERSION), "strength": repr(self.strength),
                 "decay": repr(self.decay), "tasks_seen": str(self.tasks_seen),
                 "names": "\n".join(self.fisher)}
-        return atomic_write(path, to_bytes(tensors, metadata=meta))
+        return write_bytes(path, to_bytes(tensors, metadata=meta))
 
     def load(self, path: str | Path) -> None:
         """Restore a state written by `save`; refuses another kind, version or setting."""

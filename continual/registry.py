@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from server.checkpoint import write_json
+from fedcl.atomic import write_json
 
 REGISTRY_KIND = "fedcl-adapter-registry"
 REGISTRY_FORMAT = 1

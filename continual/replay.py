@@ -24,7 +24,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from continual.state import StateError, atomic_write, check_same, check_state
+from continual.state import StateError, check_same, check_state
+from fedcl.atomic import write_bytes
 
 KIND = "fedcl.continual.reservoir_buffer"
 VERSION = 1
@@ -129,7 +130,7 @@ class ReservoirBuffer:
     def save(self, path: str | Path) -> Path:
         """Write the state as JSON to `path` (in the node's state folder), atomically."""
         data = json.dumps(self.state_dict(), ensure_ascii=False, sort_keys=True)
-        return atomic_write(path, data.encode("utf-8"))
+        return write_bytes(path, data.encode("utf-8"))
 
     def load(self, path: str | Path) -> None:
         """Restore the state saved at `path`; refuses a state of another kind or setting."""

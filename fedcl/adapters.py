@@ -8,13 +8,12 @@ node's state lines up. Saving writes PEFT's own format (loadable with
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
+
+from fedcl.atomic import write_dir
 
 
 class AdapterError(ValueError):
@@ -58,25 +57,10 @@ def load_adapter_state(model, state: dict[str, torch.Tensor], source: str = "ada
         p.copy_(state[name].to(p.dtype))
 
 
-def _atomic_dir(target: Path):
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-
-
 def save_adapter(model, state: dict[str, torch.Tensor], target: str | Path) -> Path:
     """Write `state` in PEFT's format to `target`, atomically: all or nothing."""
-    target = Path(target)
     load_adapter_state(model, state)
-    tmp = _atomic_dir(target)
-    try:
-        model.save_pretrained(str(tmp))
-        if target.exists():  # a round re-run after a crash replaces its own output
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    return write_dir(target, lambda tmp: model.save_pretrained(str(tmp)))
 
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:

@@ -30,16 +30,21 @@ class UsageError(Exception):
     """A problem with the command line or its inputs; reported without a traceback."""
 
 
-def add_simulate(sub) -> None:
-    p = sub.add_parser("simulate", help="run a federation on Flower's simulation engine",
-                       description="Run (or resume) a simulated federation. Settings come from "
-                       "the defaults, --config FILE, then --set and the flags below.")
+def add_config_args(p) -> None:
+    """--config, --set and the convenience flags, shared by commands that build a Config."""
     p.add_argument("--config", metavar="FILE", help="TOML config file")
     p.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
                    dest="overrides", help="override any config key (repeatable)")
     for flag, (key, typ) in FLAGS.items():
         p.add_argument("--" + flag.replace("_", "-"), type=typ, metavar=key.split(".")[-1].upper(),
                        help=f"sets {key}")
+
+
+def add_simulate(sub) -> None:
+    p = sub.add_parser("simulate", help="run a federation on Flower's simulation engine",
+                       description="Run (or resume) a simulated federation. Settings come from "
+                       "the defaults, --config FILE, then --set and the flags below.")
+    add_config_args(p)
     p.add_argument("--data", metavar="FILE", help="your own JSONL/CSV file (sets data.path)")
     p.add_argument("--state-dir", metavar="DIR", help="root of the clients' own state folders")
     p.add_argument("--out", metavar="DIR", help="run folder to create (default: runs/<time>)")
@@ -195,12 +200,7 @@ def add_update(sub) -> None:
     p.add_argument("--registry", metavar="REG", required=True, help="adapter registry folder")
     p.add_argument("--data", metavar="FILE", action="append", required=True, dest="data_files",
                    help="an institution's new JSONL/CSV file (repeatable)")
-    p.add_argument("--config", metavar="FILE", help="TOML config file")
-    p.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
-                   dest="overrides", help="override any config key (repeatable)")
-    for flag, (key, typ) in FLAGS.items():
-        p.add_argument("--" + flag.replace("_", "-"), type=typ, metavar=key.split(".")[-1].upper(),
-                       help=f"sets {key}")
+    add_config_args(p)
     ver = sub.add_parser("versions", help="list an adapter registry's versions and lineage")
     ver.add_argument("registry", metavar="REG")
 

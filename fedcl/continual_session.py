@@ -43,7 +43,8 @@ from continual import metrics as clm
 from continual.ewc import GradSquareAccumulator, fisher_from_grads, trainable
 from continual.methods import Method, make_method
 from continual.replay import replay_count, replay_pool
-from continual.state import atomic_write, check_state
+from continual.state import check_state
+from fedcl.atomic import write_bytes
 from continual.streams import StreamError, Task, by_period, client_share
 from fedcl.config import Config, ConfigError
 
@@ -141,7 +142,7 @@ class NodeContinual:
         self.method.save(self.state_dir)
         state = {"kind": KIND, "version": VERSION, "strategy": self.config.continual.strategy,
                  "closed": self.closed}
-        atomic_write(self.state_dir / STATE_FILE, json.dumps(state).encode("utf-8"))
+        write_bytes(self.state_dir / STATE_FILE, json.dumps(state).encode("utf-8"))
 
     # -- lifecycle -------------------------------------------------------------------------
     def catch_up(self, task: int, dp: bool) -> None:
@@ -243,7 +244,7 @@ def _save_accumulator(path: Path, task: int, acc: GradSquareAccumulator) -> None
 
     meta = {"kind": "fedcl.continual.grad_squares", "task": str(task), "count": str(acc.count),
             "names": "\n".join(acc.sums)}
-    atomic_write(path, to_bytes({n: t.contiguous() for n, t in acc.sums.items()}, metadata=meta))
+    write_bytes(path, to_bytes({n: t.contiguous() for n, t in acc.sums.items()}, metadata=meta))
 
 
 def dp_base_plan(config: Config, shares: list[Task]):

@@ -16,11 +16,10 @@ measured against), and how to save and re-read it. Nothing here imports Flower.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 from fedcl import adapters, flora
+from fedcl.atomic import write_dir
 
 
 class LoraLayout:
@@ -82,16 +81,7 @@ class ResidualLayout(LoraLayout):
         return trainable_init
 
     def save(self, model, state: dict, target: Path) -> None:
-        target = Path(target)
-        tmp = adapters._atomic_dir(target)
-        try:
-            flora.save_residual(model, state, tmp)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        write_dir(target, lambda tmp: flora.save_residual(model, state, tmp))
 
     def read(self, model, source: Path) -> dict:
         return flora.load_residual(source)

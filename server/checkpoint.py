@@ -16,31 +16,11 @@ and a re-run of that round overwrites its partial output.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
+
+from fedcl.atomic import write_json, write_text
 
 CHECKPOINT_VERSION = 1
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 class RunDir:
@@ -94,7 +74,7 @@ class RunDir:
             metrics["rounds"] = [r for r in metrics["rounds"] if r["round"] <= done]
             return metrics
         self.path.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.config_file, config_toml)
+        write_text(self.config_file, config_toml)
         metrics = {"model": model_facts, "rounds": []}
         write_json(self.metrics_file, metrics)
         return metrics

@@ -130,7 +130,7 @@ def test_failed_save_leaves_the_old_file(tmp_path, monkeypatch, kind):
     def broken_fsync(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr("continual.state.os.fsync", broken_fsync)
+    monkeypatch.setattr("fedcl.atomic.os.fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         obj.save(path)
     assert path.read_bytes() == before

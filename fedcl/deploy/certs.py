@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +27,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from fedcl.atomic import write_bytes
 
 # Lowercase letters, digits and dashes: safe as a file name, a compose service
 # name and a node-config value.
@@ -85,18 +85,7 @@ def check_institutions(names: list[str]) -> list[str]:
 
 def _write(path: Path, data: bytes, *, private: bool) -> None:
     """Atomic write; a private key is created 0600 and never exists with wider rights."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600 if private else 0o644)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes(path, data, mode=0o600 if private else 0o644)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

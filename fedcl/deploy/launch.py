@@ -95,9 +95,9 @@ def write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path) ->
     links = config.setdefault("superlink", {})
     links["default"] = name
     links[name] = {"address": address, "root-certificates": str(Path(ca_cert).resolve())}
-    from server.checkpoint import write_atomic
+    from fedcl.atomic import write_text
 
-    write_atomic(path, tomli_w.dumps(config))
+    write_text(path, tomli_w.dumps(config))
     return path
 
 

@@ -19,11 +19,10 @@ release of data-dependent output does cost privacy. Never charging the same
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
+from fedcl.atomic import write_text
 from fedcl.privacy.accounting import History, epsilon
 
 LEDGER_FILE = "privacy-ledger.json"
@@ -33,21 +32,6 @@ LEDGER_VERSION = 1
 
 class LedgerError(ValueError):
     """A ledger file or state that cannot be used; the message names it."""
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Readers see the old file or the new one, never half (temp file + fsync + replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class PrivacyLedger:
@@ -128,4 +112,4 @@ class PrivacyLedger:
         return ledger
 
     def save(self, path: str | Path) -> None:
-        write_atomic(Path(path), json.dumps(self.state_dict(), indent=1) + "\n")
+        write_text(path, json.dumps(self.state_dict(), indent=1) + "\n")

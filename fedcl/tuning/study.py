@@ -33,7 +33,8 @@ import optuna
 
 from fedcl.config import Config, ConfigError
 from fedcl.tuning.space import SearchSpace
-from server.checkpoint import RunDir, write_atomic
+from fedcl.atomic import write_text
+from server.checkpoint import RunDir
 
 SAMPLERS = ("grid", "random", "tpe", "cmaes")
 PRUNERS = ("median", "none")
@@ -249,7 +250,7 @@ def write_best(study: optuna.Study, out: Path, number: int | None = None) -> Pat
               f"run it with: fedcl simulate --config {out / 'best.toml'}")
     text = trial.user_attrs[CONFIG_ATTR]
     path = out / "best.toml"
-    write_atomic(path, "".join(f"# {line}\n" for line in header.splitlines()) + text)
+    write_text(path, "".join(f"# {line}\n" for line in header.splitlines()) + text)
     return path
 
 
