@@ -119,6 +119,44 @@ def simulated_rounds(overrides: list[str]) -> dict:
             / metrics["model"]["base_bytes"]}
 
 
+RESULT = "foundation.json"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def render(r: dict) -> list[str]:
+    sim, fp32, bf16 = r["simulation"], r["training"][0], r["training"][1]
+    peak = r["peak_gflops"]
+    lines = [
+        f"## Foundation ({r['model']}, measured {r['when']})", "",
+        "| what | measured | goal | met |", "|---|---|---|---|",
+        f"| bytes per client per round / base model bytes | {_pct(sim['max_bytes_per_client_over_base'])} "
+        f"({sim['rounds'][-1]['bytes_up_per_client'] / 1e6:.2f} MB vs {sim['base_bytes'] / 1e6:.1f} MB) "
+        f"| <= 0.5% | {'yes' if sim['max_bytes_per_client_over_base'] <= 0.005 else 'no'} |",
+        f"| training throughput, float32, 2 threads | {fp32['tokens_per_second']:.0f} tokens/s, "
+        f"{fp32['achieved_gflops']:.1f} GFLOP/s = {_pct(fp32['fraction_of_peak'])} of the float32 matmul peak "
+        f"({peak['float32_2_threads']:.0f} GFLOP/s) | >= 50% of peak "
+        f"| {'yes' if fp32['fraction_of_peak'] >= 0.5 else 'no'} |",
+        f"| training throughput, bfloat16 autocast | {bf16['tokens_per_second']:.1f} tokens/s, "
+        f"{bf16['achieved_gflops']:.1f} GFLOP/s (bf16 matmul peak here: {peak['bfloat16_2_threads']:.1f} GFLOP/s) "
+        f"| - | - |",
+        f"| Flower's share of a round (steady state) | {_pct(sim['steady_flower_share'])} | < 10% "
+        f"| {'yes' if sim['steady_flower_share'] < 0.10 else 'no'} |",
+        f"| time to the first round (command start to round 1 committed) "
+        f"| {sim['time_to_first_round_seconds']:.0f} s | - | - |", "",
+        "Per round (2 clients, 4 local steps each, 1 core per client):", "",
+        "| round | round s | slowest client train s | slowest client eval s | server eval s | Flower share | accuracy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for x in sim["rounds"]:
+        lines.append(f"| {x['round']} | {x['round_seconds']:.1f} | {x['slowest_client_train_seconds']:.1f} | "
+                     f"{x['slowest_client_eval_seconds']:.1f} | {x['server_eval_seconds']:.1f} | "
+                     f"{_pct(x['flower_share'])} | {x['accuracy']:.3f} |")
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny model, for checking the script")

@@ -59,6 +59,24 @@ def worker(kind: str, private: bool, model: str) -> dict:
             "rss_after_load_mb": loaded_rss / 1024}
 
 
+RESULT = "privacy_overhead.json"
+
+
+def render(r: dict) -> list[str]:
+    lines = [f"## DP-SGD overhead ({r['model']}, {r['steps']} steps, measured {r['when']})", "",
+             "Ordinary and DP training of the same client, each in a fresh process. Time per example "
+             "processed (Poisson batches vary in size); memory as peak resident set size.", "",
+             "| task | time per example, plain | DP | time ratio (goal <= 1.2) | peak RSS plain MB | DP MB "
+             "| memory ratio (goal <= 1.2) |", "|---|---|---|---|---|---|---|"]
+    for kind, s in r["summary"].items():
+        plain = next(x for x in r["rows"] if x["kind"] == kind and not x["private"])
+        dp = next(x for x in r["rows"] if x["kind"] == kind and x["private"])
+        lines.append(f"| {kind} | {plain['seconds_per_example']:.3f} s | {dp['seconds_per_example']:.3f} s "
+                     f"| {s['time_ratio']:.2f}x | {plain['peak_rss_mb']:.0f} | {dp['peak_rss_mb']:.0f} "
+                     f"| {s['memory_ratio']:.2f}x |")
+    return lines + [""]
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         print(json.dumps(worker(sys.argv[2], sys.argv[3] == "dp", sys.argv[4])))
