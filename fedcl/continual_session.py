@@ -46,7 +46,7 @@ from continual.replay import replay_count, replay_pool
 from continual.state import check_state
 from fedcl.atomic import write_bytes
 from continual.streams import StreamError, Task, by_period, client_share
-from fedcl.config import Config, ConfigError
+from fedcl.config import Config, ConfigError, avalanche_plugin
 
 logger = logging.getLogger("fedcl.continual")
 
@@ -118,7 +118,7 @@ class NodeContinual:
         stream = build_stream(self.config.data, self.config.train.seed)
         self.shares = client_share(list(stream), share, num_shares, self.config.train.seed)
         self.method: Method = make_method(self.config.continual, node_seed(self.config.train.seed,
-                                                                          session.client_id))
+                                                                          session.client_id), self.config.train)
         self.method.load(self.state_dir)
         self.closed = self._read_closed()
 
@@ -190,10 +190,16 @@ class NodeContinual:
             prox = proximal_term(start, mu=mu) if mu > 0 else None
             extra = self.method.extra_loss if prox is None else (
                 lambda model: self.method.extra_loss(model) + prox(model))
-            result = train_local(self.session.model, self.session.shared.task, self.records(task),
-                                 self.config.train, self.config.model, extra_loss=extra, mix=self.method.mix,
-                                 progress=progress,
-                                 seed=round_seed(self.config.train.seed, server_round, self.session.client_id))
+            seed = round_seed(self.config.train.seed, server_round, self.session.client_id)
+            trainer = self.method.train_round
+            if trainer is not None:  # a method with its own loop (Avalanche's); the proximal term only
+                result = trainer(self.session.model, self.session.shared.task, self.records(task),
+                                 self.config.train, self.config.model, seed=seed, extra_loss=prox,
+                                 progress=progress)
+            else:
+                result = train_local(self.session.model, self.session.shared.task, self.records(task),
+                                     self.config.train, self.config.model, extra_loss=extra, mix=self.method.mix,
+                                     progress=progress, seed=seed)
         self.save()
         return adapters.adapter_state(self.session.model), result
 
@@ -284,6 +290,12 @@ def continual_section(config: Config, names: list[str], matrix: list[list[float]
         section.update(average_accuracy=clm.average_accuracy(matrix), bwt=_finite(clm.backward_transfer(matrix)),
                        forgetting=_finite(clm.forgetting(matrix)),
                        fwt=_finite(clm.forward_transfer(matrix, zero_shot)) if zero_shot else None)
+    if avalanche_plugin(config.continual.strategy) is not None and len(matrix) >= 2:
+        # The same matrix through Avalanche's own metric classes, next to ours: its forgetting
+        # is "right after training minus latest", ours the maximum-based one.
+        from continual.avalanche_bridge import avalanche_transfer
+
+        section["avalanche_metrics"] = avalanche_transfer(matrix)
     return section
 
 

@@ -368,8 +368,8 @@ def test_registry_builds_each_method():
     assert isinstance(kinds["replay+ewc"], Combined) and kinds["replay+ewc"].name == "replay+ewc"
     with pytest.raises(ConfigError, match="continual.strategy: got 'lwf'"):
         ContinualConfig(strategy="lwf")
-    with pytest.raises(ConfigError, match="Avalanche engine is not installed"):
-        ContinualConfig(strategy="avalanche:EWCPlugin")
+    with pytest.raises(ConfigError, match="Avalanche strategies are avalanche:LwF"):
+        ContinualConfig(strategy="avalanche:EWCPlugins")
     with pytest.raises(ConfigError, match="continual.replay_ratio"):
         ContinualConfig(replay_ratio=1.0)
 

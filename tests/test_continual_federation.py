@@ -53,9 +53,9 @@ def test_round_to_task_is_a_pure_function(rounds_per_task, expected):
                                                                               rounds_per_task))
 
 
-def test_avalanche_and_unknown_strategies_are_refused():
-    with pytest.raises(ConfigError, match="Avalanche engine is not installed in this build yet"):
-        load_config(None, ["continual.strategy=avalanche:EWCPlugin"])
+def test_unknown_strategies_are_refused():
+    with pytest.raises(ConfigError, match="Avalanche strategies are avalanche:LwF"):
+        load_config(None, ["continual.strategy=avalanche:Nope"])
     with pytest.raises(ConfigError, match="continual.strategy: got 'lwf'"):
         load_config(None, ["continual.strategy=lwf"])
     with pytest.raises(ConfigError, match="data.task_period"):
@@ -87,6 +87,20 @@ def test_each_strategy_writes_the_accuracy_matrix(tmp_path, small, strategy):
     assert "continual.json" in states
     assert ("replay.json" in states) == ("replay" in strategy)
     assert ("ewc.safetensors" in states) == ("ewc" in strategy)
+
+
+def test_an_avalanche_plugin_runs_in_the_federation(tmp_path, small):
+    pytest.importorskip("avalanche", reason="avalanche-lib is installed by `make install`")
+    config = small("continual.strategy=avalanche:LwF", "train.local_steps=2")
+    grid, metrics = run_server(config)
+    assert not [r for r in grid.replies if r.has_error()]
+    section = check_section(metrics, config)
+    R = section["accuracy_matrix"]
+    assert section["avalanche_metrics"]["forgetting"] == pytest.approx(clm.avalanche_forgetting(R))
+    assert section["avalanche_metrics"]["bwt"] == pytest.approx(clm.backward_transfer(R))
+    # each node kept its plugin (with LwF's teacher) in its own state folder
+    assert (tmp_path / "state" / "client-0" / "avalanche-lwf.pt").exists()
+    assert json.loads((tmp_path / "state" / "client-0" / "continual.json").read_text())["closed"] == 2
 
 
 def test_dp_replay_ewc_completes_and_reports_epsilon(tmp_path, small, monkeypatch):
