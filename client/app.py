@@ -12,6 +12,9 @@ With continual learning on, the ConfigRecord's ``task`` says which task the
 round trains on; the node trains on its share of it with its method (state in
 the node's state folder, see fedcl/continual_session.py), or, holding no
 records of the task, replies with metrics only (status "no data for this task").
+With ``continual.federated_importance`` the node also sends, in a task's last
+round, its importance (an adapter-shaped array of mean squared gradients) and
+uses the federation's average when it closes the task (strategies/importance.py).
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from fedcl.continual_session import NodeContinual, dp_base_plan, resolve_rounds,
 from fedcl.privacy import STATUS_BUDGET_EXHAUSTED, ClientPrivacy, client_privacy, state_dir_for
 from fedcl.session import local_session
 from strategies.base import EPSILON, NUM_EXAMPLES, PARTITION_ID, STATUS, STATUS_NO_TASK_DATA, TASK
-from strategies.wire import arrays_to_state, encode_reply
+from strategies.importance import IMPORTANCE, IMPORTANCE_TASK, TASK_END
+from strategies.wire import arrays_to_state, encode_reply, state_to_arrays
 
 logger = logging.getLogger("fedcl.client")
 app = ClientApp()
@@ -100,6 +104,10 @@ def _train_continual(msg: Message, context: Context, session, server_round: int,
     if not records:
         return _no_task_data(msg, session, server_round, task), None
     dp_on = session.config.privacy.enabled and session.config.privacy.mode == "sample"
+    config: ConfigRecord = msg.content.config_records.get("config", ConfigRecord())
+    shared = session.config.continual.federated_importance
+    if shared and IMPORTANCE in msg.content.array_records:  # the federation's importance of a past task
+        node.receive_importance(int(config[IMPORTANCE_TASK]), arrays_to_state(msg.content.array_records[IMPORTANCE]))
     node.begin(state, task, dp=dp_on)
     guard, pool = None, None
     if dp_on:
@@ -111,7 +119,10 @@ def _train_continual(msg: Message, context: Context, session, server_round: int,
             return _refusal(msg, session, server_round, verdict), None
     new_state, result = node.train(state, server_round, task, pool=pool,
                                    dp_plan=guard.plan if guard else None)
-    return None, (new_state, result, guard, len(records), {TASK: task, "train-pool": len(pool or records)})
+    # The task's last round: this node's importance travels up with its update.
+    importance = node.local_importance(task, dp_on) if shared and int(config.get(TASK_END, 0)) else None
+    return None, (new_state, result, guard, len(records), {TASK: task, "train-pool": len(pool or records)},
+                  importance)
 
 
 @app.train()
@@ -119,12 +130,12 @@ def train(msg: Message, context: Context) -> Message:
     session = _session(context)
     server_round = _round(msg)
     state = arrays_to_state(msg.content.array_records["arrays"])
-    extra = {}
+    extra, importance = {}, None
     if session.config.continual_on:
         reply, trained = _train_continual(msg, context, session, server_round, state)
         if reply is not None:
             return reply
-        new_state, result, guard, num_examples, extra = trained
+        new_state, result, guard, num_examples, extra, importance = trained
     else:
         guard = _privacy(session, context)
         if guard is not None:
@@ -151,6 +162,8 @@ def train(msg: Message, context: Context) -> Message:
     })
     arrays = encode_reply(new_state, session.update_start(state), session.config.strategy.transport)
     content = RecordDict({"arrays": arrays, "metrics": metrics})
+    if importance is not None:
+        content[IMPORTANCE] = state_to_arrays(importance)  # float32: importances can be tiny
     return Message(content=content, reply_to=msg)
 
 

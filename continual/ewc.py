@@ -137,6 +137,22 @@ def aggregate_fisher(fishers: Iterable[tuple[dict[str, torch.Tensor], float]]) -
     return OrderedDict((n, t / total_weight) for n, t in out.items())
 
 
+def check_importance(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str | None:
+    """Why an importance cannot be used (None if it can): names, shapes, finite and >= 0."""
+    if list(state) != list(reference):
+        missing = sorted(set(reference) - set(state))[:2]
+        extra = sorted(set(state) - set(reference))[:2]
+        return f"importance names differ from the adapter's (missing {missing}, unexpected {extra})"
+    for name, t in state.items():
+        if t.shape != reference[name].shape:
+            return f"importance {name}: shape {tuple(t.shape)}, expected {tuple(reference[name].shape)}"
+        if not torch.isfinite(t).all():
+            return f"importance {name}: non-finite values"
+        if (t < 0).any():
+            return f"importance {name}: negative values (an importance is a mean of squares)"
+    return None
+
+
 class OnlineEWC:
     """Running Fisher and anchor over tasks; `penalty` for plain training, `penalty_gradient` for DP."""
 

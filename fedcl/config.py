@@ -352,6 +352,10 @@ class ContinualConfig:
     ewc_strength: float = 100.0
     ewc_decay: float = 1.0
     fisher_batch_size: int = 8
+    # Federated importance (the FedCurv idea): at each task end clients send their
+    # Fisher diagonal, the server averages them, and every client's EWC uses the
+    # federation's importance (strategies/importance.py). Needs ewc or replay+ewc.
+    federated_importance: bool = False
 
     def __post_init__(self) -> None:
         if avalanche_plugin(self.strategy) is not None:
@@ -371,6 +375,9 @@ class ContinualConfig:
         _check(0.0 <= self.ewc_decay <= 1.0, "continual.ewc_decay", self.ewc_decay, "a float in [0, 1]")
         _check(self.fisher_batch_size >= 1, "continual.fisher_batch_size", self.fisher_batch_size,
                "a positive integer")
+        _check(not self.federated_importance or self.strategy in ("ewc", "replay+ewc"),
+               "continual.federated_importance", self.federated_importance,
+               f"false unless continual.strategy is ewc or replay+ewc (it is {self.strategy!r})")
 
 
 @dataclass(frozen=True)
@@ -409,6 +416,10 @@ class Config:
                "continual.strategy", self.continual.strategy,
                "one of fedcl's own strategies (naive, replay, ewc, replay+ewc) when differential privacy "
                "is on: Avalanche's plugins are not accounted for under DP")
+        # Client-level DP noises the adapter update only; the importances would travel unprotected.
+        _check(not (self.privacy.enabled and self.privacy.mode == "client" and self.continual_on
+                    and self.continual.federated_importance), "continual.federated_importance", True,
+               'false with privacy.mode = "client" (its noise does not cover the importances)')
 
     @property
     def continual_on(self) -> bool:

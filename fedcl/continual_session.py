@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from continual import metrics as clm
-from continual.ewc import GradSquareAccumulator, fisher_from_grads, trainable
+from continual.ewc import GradSquareAccumulator, check_importance, fisher_from_grads, trainable
 from continual.methods import Method, make_method
 from continual.replay import replay_count, replay_pool
 from continual.state import check_state
@@ -52,6 +52,7 @@ logger = logging.getLogger("fedcl.continual")
 
 STATE_FILE = "continual.json"
 ACCUMULATOR_FILE = "dp-grad-squares.safetensors"
+SHARED_IMPORTANCE_FILE = "federated-importance.safetensors"
 KIND = "fedcl.continual.node"
 VERSION = 1
 DEFINITIONS = {
@@ -150,7 +151,12 @@ class NodeContinual:
         model = self.session.model
         while self.closed < task:
             j = self.closed
-            fisher = self._released_fisher(j, model) if dp else None
+            fisher = self._shared_importance(j)
+            if fisher is None and self.config.continual.federated_importance:
+                logger.info("client %d | task %d | no federated importance received, using its own",
+                            self.session.client_id, j)
+            if fisher is None:
+                fisher = self._released_fisher(j, model) if dp else None
             self.method.after_task(model, self.session.shared.task, self.records(j), fisher=fisher)
             self.closed += 1
             logger.info("client %d | task %d closed (%s)", self.session.client_id, j, self.method.name)
@@ -162,6 +168,48 @@ class NodeContinual:
         if count:
             return fisher_from_grads(sums, count)
         return OrderedDict((n, torch.zeros_like(p, dtype=torch.float32)) for n, p in trainable(model).items())
+
+    # -- federated importance (strategies/importance.py) ------------------------------------
+    def receive_importance(self, task: int, importance: dict[str, torch.Tensor]) -> None:
+        """Keep the federation's importance of `task` (sent by the server) for closing that task."""
+        reason = check_importance(importance, OrderedDict(trainable(self.session.model)))
+        if reason is not None:
+            raise ValueError(f"the server's importance for task {task} does not fit this model: {reason}")
+        if task < self.closed:
+            return  # that task is closed already (e.g. with this node's own importance)
+        from safetensors.torch import save as to_bytes
+
+        meta = {"kind": "fedcl.continual.shared_importance", "task": str(task)}
+        write_bytes(self.state_dir / SHARED_IMPORTANCE_FILE,
+                    to_bytes({n: t.contiguous() for n, t in importance.items()}, metadata=meta))
+
+    def _shared_importance(self, task: int) -> dict[str, torch.Tensor] | None:
+        path = self.state_dir / SHARED_IMPORTANCE_FILE
+        if not path.exists():
+            return None
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        if int(meta.get("task", -1)) != task:
+            return None
+        tensors = load_file(str(path))
+        return OrderedDict((n, tensors[n]) for n in trainable(self.session.model))
+
+    def local_importance(self, task: int, dp: bool) -> dict[str, torch.Tensor]:
+        """This node's importance of `task` at its model now (after the task's last local round).
+
+        Under DP it is the mean square of the gradients DP-SGD released on the
+        task (no new privacy cost); otherwise a Fisher pass over the node's share.
+        """
+        model = self.session.model
+        if dp:
+            return self._released_fisher(task, model)
+        from continual.ewc import compute_fisher
+
+        return compute_fisher(model, self.session.shared.task, self.records(task),
+                              self.config.continual.fisher_batch_size)
 
     def begin(self, state: dict, task: int, *, dp: bool) -> dict:
         """Load the global `state`, close earlier tasks; return what the update is measured against."""
@@ -319,7 +367,9 @@ class ServerContinual:
         self._write()
 
     def round_config(self, run_round: int) -> dict:
-        return {"task": task_of_round(run_round, self.config.continual.rounds_per_task)}
+        rpt = self.config.continual.rounds_per_task
+        # "task-end": clients send their importance with this round's update (federated importance)
+        return {"task": task_of_round(run_round, rpt), "task-end": int(ends_task(run_round, rpt))}
 
     def accuracies(self, state: dict) -> list[float]:
         out = []

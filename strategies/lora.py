@@ -27,12 +27,13 @@ from flwr.app import Message, MetricRecord
 from flwr.supercore import log
 
 from strategies import screening
-from strategies.base import NUM_EXAMPLES, PARTITION_ID, RoundBookkeeping
+from strategies.base import NUM_EXAMPLES, PARTITION_ID, TASK, RoundBookkeeping
+from strategies.importance import FederatedImportance
 from strategies.wire import arrays_to_state, decode_update, encode_global, state_to_arrays
 
 
-class LoraStrategy(RoundBookkeeping):
-    """RoundBookkeeping plus transport encoding and reply screening."""
+class LoraStrategy(FederatedImportance, RoundBookkeeping):
+    """RoundBookkeeping plus transport encoding, reply screening and federated importance."""
 
     # flora: clients return a fresh LoRA trained from the seeded init, not the global.
     replies_start_from_template = False
@@ -45,6 +46,8 @@ class LoraStrategy(RoundBookkeeping):
         self.max_examples = max_examples
         self.first_examples: dict[str, int] = {}
         self.current_global: dict[str, torch.Tensor] | None = None
+        if not hasattr(self, "importance_on"):
+            self.setup_importance(False)
 
     def before_send(self, messages: list[Message], *, train: bool) -> None:
         # Flower sends one shared RecordDict to all nodes: encode each content once.
@@ -54,6 +57,8 @@ class LoraStrategy(RoundBookkeeping):
             if train:
                 self.current_global = state
             content[self.arrayrecord_key] = encode_global(state, self.transport)  # type: ignore[attr-defined]
+        if train:
+            self.attach_importance(contents.values(), self.configrecord_key)  # type: ignore[attr-defined]
 
     def update_start(self) -> dict[str, torch.Tensor]:
         """The float32 state a reply's update is measured against."""
@@ -64,7 +69,14 @@ class LoraStrategy(RoundBookkeeping):
     def screen_reply(self, msg: Message, rec: dict) -> Message | None:
         metrics = next(iter(msg.content.metric_records.values()), MetricRecord())
         client = str(metrics.get(PARTITION_ID, msg.metadata.src_node_id))
+        # A client's data do not grow within a task; across a continual stream each task
+        # has its own size, so the count is held to what it first reported for the task.
+        count_key = client if TASK not in metrics else f"{client}/task-{int(metrics[TASK])}"
         start = self.update_start()
+        # taken off before anything else: Flower aggregates exactly one ArrayRecord per reply
+        importance = msg.content.array_records.get("importance")
+        if importance is not None:
+            del msg.content["importance"]
         record = msg.content.array_records["arrays"]
         reason = screening.check_schema(record, self.reply_template or start, self.transport)
         update = None
@@ -73,24 +85,32 @@ class LoraStrategy(RoundBookkeeping):
             reason = screening.check_update(update, max_norm=self.max_update_norm)
         if reason is None:
             reason = screening.check_examples(metrics.get(NUM_EXAMPLES), max_examples=self.max_examples,
-                                              first_reported=self.first_examples.get(client))
+                                              first_reported=self.first_examples.get(count_key))
         if reason is not None:
             rec["rejected"] += 1
             if rec["clients"]:
                 rec["clients"][-1]["rejected"] = reason  # split_replies appended this reply last
             log(WARNING, "round %d: reply of client %s rejected: %s", rec["round"], client, reason)
             return None
-        self.first_examples.setdefault(client, int(metrics[NUM_EXAMPLES]))
+        self.first_examples.setdefault(count_key, int(metrics[NUM_EXAMPLES]))
+        if importance is not None:
+            self.take_importance(msg, importance, self.reply_template or start, rec)
         msg.content["arrays"] = state_to_arrays(OrderedDict(  # type: ignore[index]
             (name, start[name] + delta) for name, delta in update.items()))
         return msg
 
+    def aggregate_train(self, server_round: int, replies):
+        result = super().aggregate_train(server_round, replies)
+        self.aggregate_importance(self.record(server_round))
+        return result
+
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "first_examples": dict(self.first_examples)}
+        return {**super().state_dict(), "first_examples": dict(self.first_examples), **self.importance_state()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.first_examples = {str(k): int(v) for k, v in state.get("first_examples", {}).items()}
+        self.load_importance_state(state)
 
 
 class RunRoundNumbers:
@@ -136,4 +156,5 @@ def finish(strategy: LoraStrategy, config, *, round_offset: int, reply_template:
                                round_offset=round_offset, min_replies=fed.min_replies)
     strategy.setup_lora(transport=strat.transport, reply_template=reply_template,
                         max_update_norm=strat.max_update_norm, max_examples=strat.max_examples)
+    strategy.setup_importance(config.continual_on and config.continual.federated_importance)
     return strategy

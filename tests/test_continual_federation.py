@@ -75,6 +75,8 @@ def check_section(metrics, config):
     assert section["fwt"] == pytest.approx(clm.forward_transfer(R, b))
     assert [r["task"] for r in metrics["rounds"]] == [task_of_round(r["round"], 1) for r in metrics["rounds"]]
     assert len(metrics["rounds"]) == T * config.continual.rounds_per_task
+    # every reply counted: tasks differ in size, which must not look like a client inflating its count
+    assert [r["rejected"] for r in metrics["rounds"]] == [0] * len(metrics["rounds"])
     return section
 
 
@@ -169,3 +171,53 @@ def test_report_draws_the_continual_figures(tmp_path):
     written = {p.name for p in write_report(run)}
     assert {"accuracy_matrix.png", "task_accuracy.png"} <= written
     assert continual_figures({"rounds": []}) == {}
+
+
+def test_federated_importance_is_averaged_and_anchors_every_client(tmp_path, small):
+    from continual.methods import EWC
+    from strategies.wire import arrays_to_state
+
+    config = small("continual.strategy=ewc", "continual.federated_importance=true", "train.local_steps=2")
+    sent_up = []  # (round, examples, importance) as each client sent it
+
+    def capture(partition_id, reply):
+        if "importance" in reply.content.array_records:
+            metrics = reply.content.metric_records["metrics"]
+            sent_up.append((len(sent_up) // 2 + 1, float(metrics["num-examples"]),
+                            arrays_to_state(reply.content.array_records["importance"])))
+        return reply
+
+    grid, metrics = run_server(config, intercept=capture)
+    assert not [r for r in grid.replies if r.has_error()]
+    check_section(metrics, config)
+    # every round ends a task here: both clients sent an importance each round, and the
+    # server took it off the reply before Flower's aggregation (one ArrayRecord per reply)
+    assert [r for r, _, _ in sent_up] == [1, 1, 2, 2, 3, 3]
+    assert not any("importance" in r.content.array_records for r in grid.replies)
+    assert [r["importance_clients"] for r in metrics["rounds"]] == [2, 2, 2]
+    # from round 2 on, the train messages carry the example-weighted mean of the last task's
+    expected = {}
+    for task in (0, 1):
+        parts = [(w, imp) for r, w, imp in sent_up if r == task + 1]
+        total = sum(w for w, _ in parts)
+        expected[task] = {n: sum(w * imp[n] for w, imp in parts) / total for n in parts[0][1]}
+    train = [m for m in grid.sent if m.metadata.message_type == "train"]  # 2 per round, in order
+    assert not any("importance" in m.content.array_records for m in train[:2])
+    for task, messages in ((0, train[2:4]), (1, train[4:6])):
+        for m in messages:
+            got = arrays_to_state(m.content.array_records["importance"])
+            for name, value in got.items():
+                assert torch.allclose(value, expected[task][name], rtol=1e-5, atol=1e-12), name
+    downs = expected
+    # both clients closed tasks 0 and 1 with the shared importances, not their own
+    for client in ("client-0", "client-1"):
+        ewc = EWC(strength=config.continual.ewc_strength)
+        ewc.load(tmp_path / "state" / client)
+        assert ewc.ewc.tasks_seen == 2
+        for name, fisher in ewc.ewc.fisher.items():
+            assert torch.allclose(fisher, downs[0][name] + downs[1][name], rtol=1e-5, atol=1e-12), name
+
+
+def test_federated_importance_needs_ewc():
+    with pytest.raises(ConfigError, match="continual.federated_importance"):
+        load_config(None, ["continual.strategy=replay", "continual.federated_importance=true"])

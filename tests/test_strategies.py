@@ -316,3 +316,29 @@ def test_optimiser_state_dict_round_trip(name):
     assert fresh.state_dict() == saved
     with pytest.raises(ValueError, match="strategy state is for"):
         build_strategy(load_config(None, ["strategy.name=fedavg"]), reply_template=TEMPLATE).load_state_dict(saved)
+
+
+# -- federated importance (continual.federated_importance) ----------------------------------
+
+def test_importance_checks_and_the_shared_importance_survives_a_restart():
+    from continual.ewc import check_importance
+
+    reference = OrderedDict(a=torch.zeros(2, 3), b=torch.zeros(4))
+    good = OrderedDict(a=torch.rand(2, 3), b=torch.rand(4))
+    assert check_importance(good, reference) is None
+    assert "names differ" in check_importance(OrderedDict(a=good["a"]), reference)
+    assert "shape" in check_importance(OrderedDict(a=torch.rand(3, 2), b=good["b"]), reference)
+    assert "non-finite" in check_importance(OrderedDict(a=good["a"], b=torch.tensor([1, 2, float("nan"), 0.])),
+                                            reference)
+    assert "negative" in check_importance(OrderedDict(a=-good["a"], b=good["b"]), reference)
+
+    config = load_config(None, ["model.name=tiny-llama", "data.task_column=date", "continual.strategy=ewc",
+                                "continual.federated_importance=true"])
+    strategy = build_strategy(config)
+    strategy.shared_importance = {"task": 3, "state": good}
+    saved = json.loads(json.dumps(strategy.state_dict()))  # as strategy_state.json holds it
+    again = build_strategy(config)
+    again.load_state_dict(saved)
+    assert again.shared_importance["task"] == 3
+    for name in good:
+        assert torch.equal(again.shared_importance["state"][name], good[name])
