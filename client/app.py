@@ -20,13 +20,16 @@ uses the federation's average when it closes the task (strategies/importance.py)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
+from pathlib import Path
 
 import fedcl  # noqa: F401  (sets offline defaults before flwr loads)
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedcl import data
 from fedcl.config import from_run_config
 from fedcl.continual_session import NodeContinual, dp_base_plan, resolve_rounds, task_plan
 from fedcl.privacy import STATUS_BUDGET_EXHAUSTED, ClientPrivacy, client_privacy, state_dir_for
@@ -48,6 +51,17 @@ def _session(context: Context):
             config.data, path=str(data_file), dataset="", test_path=""))
         return local_session(config, int(node.get("partition-id", 0)), 1, share=0)
     return local_session(config, int(node["partition-id"]), int(node["num-partitions"]))
+
+
+def _file_fingerprint(path: str, data_cfg) -> list[int]:
+    """sha256 of the node's file's records (as `fedcl.data.fingerprint`), as 8 words; cached per file state."""
+    stat = Path(path).stat()
+    return _fingerprint_cached(path, stat.st_mtime_ns, stat.st_size, data_cfg)
+
+
+@functools.lru_cache(maxsize=4)
+def _fingerprint_cached(path: str, mtime_ns: int, size: int, data_cfg) -> list[int]:
+    return data.fingerprint_words(data.fingerprint(data.load_records(path, data_cfg)))
 
 
 def _round(msg: Message) -> int:
@@ -154,6 +168,9 @@ def train(msg: Message, context: Context) -> Message:
                 server_round, result.loss, result.steps, result.seconds, eps_text)
     print(f"client {session.client_id} | round {server_round} | loss {result.loss:.4f} "
           f"| steps {result.steps} | {result.seconds:.1f} s{eps_text}", flush=True)
+    data_file = context.node_config.get("data-file")
+    if data_file:  # a deployed node: which data trained this update, as a hash (continual/update.py)
+        extra = {**extra, "data-sha256": _file_fingerprint(str(data_file), session.config.data)}
     metrics = MetricRecord({
         NUM_EXAMPLES: num_examples, PARTITION_ID: session.client_id, **extra,
         "train-loss": result.loss, "train-steps": result.steps,

@@ -15,6 +15,14 @@ the epsilon each client spent in this job (see continual/registry.py).
 Privacy ledgers live in the job's folder unless `run.state_dir` is set: a
 deployment keeps lifetime ledgers on the nodes, and a simulation that should
 account across versions names a lasting state folder.
+
+`run_deployed_update` is the same job on a real federation: the institutions'
+SuperNodes train on their own files (their node config's ``data-file``), so
+the job has no data files; each node reports the sha256 fingerprint of its
+file with its update (``data-sha256``, computed as `fedcl.data.fingerprint`
+computes it in simulation), and the version records those. `submit(config)`
+runs the federation (`fedcl update --deployment` submits it with ``flwr run``
+and waits for it to finish).
 """
 
 from __future__ import annotations
@@ -136,24 +144,89 @@ def run_update(base: Config, registry: str | Path, files: list[str], *,
         log(f"update: {parent or 'a fresh adapter'} + {len(files)} file(s), "
             f"{config.federation.clients} clients, {config.federation.rounds} rounds")
         runner(config)
-        run_dir = RunDir(config.run.out_dir)
-        done = run_dir.completed_rounds()
-        if done < config.federation.rounds:
-            raise UpdateError(f"the run stopped after round {done} of {config.federation.rounds}; "
-                              f"the registry {reg.root} is unchanged")
-        metrics = run_dir.metrics()
-        job.stage.mkdir()
-        shutil.move(str(run_dir.adapter_dir(done)), str(job.stage / ADAPTER_DIR))
-        record = {
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "config": recorded_config(config, parent),
-            "data_fingerprints": fingerprints,
-            "clients": client_files(config, files),
-            "metrics": {"old": metrics.get("initial_eval", {}), "new": metrics["rounds"][-1]["eval"]},
-            "epsilon": epsilon_spent(metrics),
-            "rounds": done,
-        }
-        name = reg.commit(job, record, parent=parent)
+        name = _commit(reg, job, parent, config, fingerprints, client_files(config, files))
+    return reg.record(name)
+
+
+def _completed(config: Config, reg: Registry) -> tuple[RunDir, int]:
+    run_dir = RunDir(config.run.out_dir)
+    done = run_dir.completed_rounds()
+    if done < config.federation.rounds:
+        raise UpdateError(f"the run stopped after round {done} of {config.federation.rounds}; "
+                          f"the registry {reg.root} is unchanged")
+    return run_dir, done
+
+
+def _commit(reg: Registry, job, parent: str | None, config: Config, fingerprints: dict,
+            clients: dict, *, data_path: str = "(merged update files; see data_fingerprints)") -> str:
+    """Move the completed run's last adapter into the job's stage and commit the version."""
+    run_dir, done = _completed(config, reg)
+    metrics = run_dir.metrics()
+    job.stage.mkdir()
+    shutil.move(str(run_dir.adapter_dir(done)), str(job.stage / ADAPTER_DIR))
+    recorded = recorded_config(config, parent)
+    recorded["data"]["path"] = data_path
+    record = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": recorded,
+        "data_fingerprints": fingerprints,
+        "clients": clients,
+        "metrics": {"old": metrics.get("initial_eval", {}), "new": metrics["rounds"][-1]["eval"]},
+        "epsilon": epsilon_spent(metrics),
+        "rounds": done,
+    }
+    return reg.commit(job, record, parent=parent)
+
+
+# -- deployment: the nodes' own data ----------------------------------------------------------
+
+def words_fingerprint(words) -> str:
+    if len(words) != 8 or any(not float(w).is_integer() or not 0 <= w < 2 ** 32 for w in words):
+        raise ValueError(f"data-sha256: expected 8 whole 32-bit words, got {words!r}")
+    return "".join(f"{int(w):08x}" for w in words)
+
+
+def node_fingerprints(metrics: dict) -> dict[str, str]:
+    """{"node <id>": sha256 of its data file} from the clients' train replies (latest per node)."""
+    out: dict[str, str] = {}
+    for record in metrics.get("rounds", []):
+        for client in record.get("clients", []):
+            if "data_sha256" in client:
+                out[f"node {client['id']}"] = words_fingerprint(client["data_sha256"])
+    return out
+
+
+def run_deployed_update(base: Config, registry: str | Path, *, submit: Callable[[Config], None],
+                        log: Callable[[str], None] = print) -> dict:
+    """One update job on a deployed federation (the nodes' own files); commits its version.
+
+    The coordinator's own evaluation data (`base.data`) gives the "old" and
+    "new" scores and the test fingerprint. Any exception leaves the registry
+    as it was.
+    """
+    reg = Registry(registry)
+    with reg.job() as job:
+        parent = reg.latest_name()
+        config = base.replace({"run.out_dir": str(job.path / "run"),
+                               "run.init_adapter": str(reg.adapter_dir(parent) if parent else "")},
+                              source="update")
+        if config.continual_on:
+            from fedcl.continual_session import resolve_rounds
+
+            config = resolve_rounds(config)
+        dataset = data.load_dataset(config.data, config.train.seed)
+        fingerprints = {"test": data.fingerprint(dataset.test)}
+        log(f"update: {parent or 'a fresh adapter'} on the deployed federation's own data, "
+            f"{config.federation.rounds} rounds")
+        submit(config)
+        run_dir, _ = _completed(config, reg)
+        nodes = node_fingerprints(run_dir.metrics())
+        if not nodes:
+            raise UpdateError("no node reported the fingerprint of its data (data-sha256); "
+                              "the nodes must run this fedcl version; the registry is unchanged")
+        fingerprints.update(nodes)
+        name = _commit(reg, job, parent, config, fingerprints, {n.split()[-1]: "its own data-file" for n in nodes},
+                       data_path="(each node's own data-file; see data_fingerprints)")
     return reg.record(name)
 
 

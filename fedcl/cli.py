@@ -198,29 +198,58 @@ def add_update(sub) -> None:
                        "is empty), run the configured rounds on the new data (one --data file per "
                        "institution: client k holds one file), and commit the next version.")
     p.add_argument("--registry", metavar="REG", required=True, help="adapter registry folder")
-    p.add_argument("--data", metavar="FILE", action="append", required=True, dest="data_files",
-                   help="an institution's new JSONL/CSV file (repeatable)")
+    p.add_argument("--data", metavar="FILE", action="append", dest="data_files",
+                   help="simulation: an institution's new JSONL/CSV file (repeatable)")
+    p.add_argument("--deployment", metavar="CONNECTION",
+                   help="run on a deployed federation instead: the `flwr` connection (in FLWR_HOME's "
+                   "config.toml) of its SuperLink; each SuperNode trains on its own data-file")
+    p.add_argument("--app", metavar="DIR", help="with --deployment: a staged app folder "
+                   "(`fedcl deploy stage-app`; default: staged from this installation)")
     add_config_args(p)
     ver = sub.add_parser("versions", help="list an adapter registry's versions and lineage")
     ver.add_argument("registry", metavar="REG")
 
 
 def cmd_update(args) -> int:
-    from continual.update import UpdateError, run_update
+    from continual.update import UpdateError, run_deployed_update, run_update
     from fedcl.simulation import run_simulation
 
+    if bool(args.data_files) == bool(args.deployment):
+        raise UsageError("update: give the new data as --data FILE (simulation) or run on the nodes' "
+                         "own data with --deployment CONNECTION, one of the two")
     flags = {key: getattr(args, name) for name, (key, _) in FLAGS.items()
              if getattr(args, name, None) is not None}
     config = load_config(args.config, args.overrides)
     config = config.replace(flags, source="flags") if flags else config
     try:
-        record = run_update(config, args.registry, args.data_files, runner=run_simulation,
-                            check=preflight)
+        if args.deployment:
+            record = run_deployed_update(config, args.registry, submit=_deployed_runner(args))
+        else:
+            record = run_update(config, args.registry, args.data_files, runner=run_simulation,
+                                check=preflight)
     except UpdateError as err:
         print(f"fedcl: error: {err}", file=sys.stderr)
         return 1
     print(f"{args.registry}: committed {record['version']} (parent {record['parent'] or '-'})")
     return 0
+
+
+def _deployed_runner(args):
+    """Submit the job's run to the SuperLink of `flwr` connection --deployment and wait for it."""
+    import tempfile
+
+    from continual.update import UpdateError
+    from fedcl.deploy.launch import run_on_federation, stage_app
+
+    def submit(config) -> None:
+        with tempfile.TemporaryDirectory(prefix="fedcl-app-") as tmp:
+            app = Path(args.app) if args.app else stage_app(Path(__file__).resolve().parent.parent,
+                                                          Path(tmp) / "app")
+            status = run_on_federation(config, connection=args.deployment, app_dir=app)
+        if status != "finished:completed":
+            raise UpdateError(f"the run ended as {status!r}; the registry is unchanged")
+
+    return submit
 
 
 def cmd_versions(args) -> int:

@@ -418,3 +418,8 @@ def fingerprint(records: list[dict]) -> str:
     """sha256 hex of the records' canonical JSON: identifies data without revealing it."""
     dump = json.dumps(records, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(dump.encode("utf-8")).hexdigest()
+
+
+def fingerprint_words(hex_digest: str) -> list[int]:
+    """A sha256 hex digest as 8 unsigned 32-bit words: a MetricRecord carries numbers, not text."""
+    return [int(hex_digest[i:i + 8], 16) for i in range(0, 64, 8)]

@@ -198,3 +198,55 @@ def test_cli_versions_lists_lineage(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "v0001" in out and "0.500 -> 0.600" in out and "2.00" in out
     assert main(["versions", str(tmp_path / "missing")]) == 2
+
+
+def deployed_runner(files, state_root):
+    """The real apps in-process, each node configured as a SuperNode is: its own data-file and state-dir."""
+    def run(config):
+        from client.app import app as client_app
+        from server.app import main as server_main
+        from tests.inprocess import InProcessGrid, server_context
+
+        flat = config.to_flat()
+        grid = InProcessGrid(client_app, len(files), flat)
+        for i, node in enumerate(grid.node_ids):
+            grid.contexts[node].node_config = {"data-file": str(files[i]), "partition-id": i,
+                                               "state-dir": str(state_root / f"node-{i}")}
+        server_main(grid, server_context(flat))
+    return run
+
+
+def test_deployed_update_records_each_nodes_fingerprint_and_chains_versions(tmp_path):
+    from fedcl import data
+    from fedcl.config import load_config
+    from continual.update import run_deployed_update
+
+    server_file = write_drop(tmp_path / "server.jsonl", 9)
+    base = load_config(None, SMALL + ["federation.clients=2", "data.dataset=", f"data.path={server_file}"])
+    files = [write_drop(tmp_path / "a.jsonl", 1), write_drop(tmp_path / "b.jsonl", 2)]
+    reg = tmp_path / "reg"
+    first = run_deployed_update(base, reg, submit=deployed_runner(files, tmp_path / "state"), log=lambda _: None)
+    # each node reported the hash of its own file, as the simulation's update computes it
+    expected = {f"node {i}": data.fingerprint(data.load_records(f, base.data)) for i, f in enumerate(files)}
+    assert {k: v for k, v in first["data_fingerprints"].items() if k != "test"} == expected
+    assert first["parent"] is None and first["config"]["data"]["path"].startswith("(each node's own")
+    second = run_deployed_update(base, reg, submit=deployed_runner(files, tmp_path / "state"), log=lambda _: None)
+    assert (second["version"], second["parent"]) == ("v0002", "v0001")
+    assert second["config"]["run"]["init_adapter"] == "versions/v0001/adapter"
+    before = snapshot(reg)
+    with pytest.raises(UpdateError, match="unchanged"):
+        run_deployed_update(base, reg, submit=lambda config: None, log=lambda _: None)
+    assert snapshot(reg) == before
+
+
+def test_fingerprint_words_round_trip_and_bad_words_are_refused():
+    from fedcl.data import fingerprint_words
+    from continual.update import words_fingerprint
+
+    digest = "0123456789abcdef" * 4
+    assert words_fingerprint(fingerprint_words(digest)) == digest
+    assert words_fingerprint([float(w) for w in fingerprint_words(digest)]) == digest  # as JSON may give
+    with pytest.raises(ValueError, match="8 whole 32-bit words"):
+        words_fingerprint([1, 2, 3])
+    with pytest.raises(ValueError, match="8 whole 32-bit words"):
+        words_fingerprint([2 ** 32] * 8)
