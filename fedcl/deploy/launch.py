@@ -137,6 +137,47 @@ def run_status(run_id: int, connection: str, flwr_home: Path) -> str:
     return str(runs[0].get("status", "")) if runs else ""
 
 
+def online_nodes(connection: str, flwr_home: Path) -> int:
+    """How many SuperNodes `flwr supernode ls` reports online."""
+    out = flwr(["supernode", "ls", connection, "--format", "json"], flwr_home).stdout
+    return sum(1 for n in json.loads(out).get("nodes", []) if n.get("status") == "online")
+
+
+def process_table() -> dict[int, dict]:
+    """Every process now: pid -> {"ppid", "cmdline", "rss"} (bytes), in one pass over
+    the process list, so that many trees can be read from the same moment."""
+    import psutil
+
+    table = {}
+    for p in psutil.process_iter(["ppid", "cmdline", "memory_info"]):
+        mem = p.info.get("memory_info")
+        table[p.pid] = {"ppid": p.info.get("ppid"), "cmdline": p.info.get("cmdline") or [],
+                        "rss": mem.rss if mem else 0}
+    return table
+
+
+def process_tree(root: int, table: dict[int, dict]) -> set[int]:
+    """`root`'s descendants in `table`: its children, and the processes that name it
+    with `--parent-pid` (a SuperExec runs in its own session, and is re-parented if
+    ours died first), transitively."""
+    kids: dict[int, set[int]] = {}
+    for pid, p in table.items():
+        cmd = p["cmdline"]
+        parents = {p["ppid"]}
+        if "--parent-pid" in cmd[:-1]:
+            value = cmd[cmd.index("--parent-pid") + 1]
+            parents.add(int(value) if value.isdigit() else None)
+        for parent in parents - {None, pid}:
+            kids.setdefault(parent, set()).add(pid)
+    found, todo = set(), [root]
+    while todo:
+        for pid in kids.get(todo.pop(), ()):
+            if pid not in found and pid != root:
+                found.add(pid)
+                todo.append(pid)
+    return found
+
+
 @dataclass
 class Launched:
     """A started process with its log; `stop()` ends it and everything it started."""
@@ -156,23 +197,7 @@ class Launched:
     def descendants(self) -> set[int]:
         """Child processes now alive, remembered so that a later stop still finds them
         after their parent has gone."""
-        import psutil
-
-        try:
-            self.known |= {c.pid for c in psutil.Process(self.pid).children(recursive=True)}
-        except psutil.NoSuchProcess:
-            pass
-        # A SuperExec runs in its own session and names its parent with --parent-pid;
-        # if our process died first it was re-parented, but it still names our pid.
-        marker = ["--parent-pid", str(self.pid)]
-        for p in psutil.process_iter(["cmdline"]):
-            cmd = p.info.get("cmdline") or []
-            if any(cmd[i:i + 2] == marker for i in range(len(cmd) - 1)):
-                self.known.add(p.pid)
-                try:
-                    self.known |= {c.pid for c in p.children(recursive=True)}
-                except psutil.NoSuchProcess:
-                    pass
+        self.known |= process_tree(self.pid, process_table())
         return self.known
 
     def tail(self, chars: int = 3000) -> str:

@@ -1,0 +1,416 @@
+"""Deployment benchmark (issue 6): round time of a real deployment against the same
+rounds on the simulation engine, and the coordinator's resident memory with 3
+and with 12 SuperNodes.
+
+    .venv/bin/python -m bench.deployment [--rounds 3] [--large-rounds 1]
+
+One run, side by side on the tiny model, from the same data files and config:
+
+- simulation: `fedcl simulate` (Flower's simulation engine on Ray) with 3 clients;
+- deployment: a `flower-superlink` and 3 `flower-supernode` processes on 127.0.0.1
+  with TLS and node authentication, started as `fedcl/deploy/launch.py` starts
+  them and the run submitted with `flwr run`;
+- the same deployment with 12 SuperNodes, for memory (and its round time): one
+  round by default, counted with whatever replies arrive within its timeout.
+
+Round times come from each run's metrics.json (`round_seconds`: from sending
+the round's train messages to the end of the server's evaluation); round 1
+(Ray start-up and first model loads in simulation) is reported apart. While
+a deployment runs, the resident set size of the SuperLink, its SuperExec, the
+ServerApp (`flwr-serverapp`), every SuperNode, its SuperExec and its ClientApps
+is sampled once a second. Writes bench/results/deployment.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from fedcl.deploy import launch
+from fedcl.deploy.certs import generate_certs
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).parent / "results"
+RESULT = "deployment.json"
+LABELS = ["Acne", "Birth Control", "Depression", "Pain"]
+CONNECTION = "fedcl-bench"
+NODE_COUNTS = (3, 12)
+RECORDS_PER_NODE = 16
+LOCAL_STEPS = 2
+BATCH_SIZE = 4
+MB = 1024 * 1024
+# The side-by-side runs wait for every client in every round, so both engines do the same
+# work; the large run counts a round with whatever replies came, and waits less for the rest
+# (a reply lost on the way costs its round the whole wait).
+COMPARE_TIMEOUT = 300
+LARGE_TIMEOUT = 240
+# Flower's process names, as the second word of their command lines (Python entry points).
+ROLES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
+
+
+def write_data(folder: Path, nodes: int) -> dict[str, Path]:
+    """Each institution's own file (built-in demo text), all of them merged (the
+    simulation partitions that one file), and the coordinator's test file."""
+    from fedcl import data
+    from fedcl.config import Config
+
+    dataset = data.load_dataset(Config().data, seed=0)
+
+    def rows(records: list[dict]) -> str:
+        return "".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in records)
+
+    files = {}
+    for i in range(nodes):
+        files[f"hospital-{i:02d}"] = folder / f"hospital-{i:02d}.jsonl"
+        files[f"hospital-{i:02d}"].write_text(rows(dataset.train[i::nodes][:RECORDS_PER_NODE]),
+                                              encoding="utf-8")
+    files["server"] = folder / "server.jsonl"
+    files["server"].write_text(rows(dataset.test[:24]), encoding="utf-8")
+    return files
+
+
+def write_config(path: Path, data_files: dict[str, Path], clients: int, *, min_replies: int,
+                 timeout: float) -> Path:
+    """One config for both engines; the simulation's clients split `merged.jsonl`
+    (the deployed nodes' files, one after the other) into the same sizes."""
+    merged = path.parent / f"merged-{clients}.jsonl"
+    merged.write_text("".join(data_files[f"hospital-{i:02d}"].read_text(encoding="utf-8")
+                              for i in range(clients)), encoding="utf-8")
+    path.write_text(f"""[model]
+name = "tiny-llama"
+[data]
+dataset = ""
+path = "{merged}"
+test_path = "{data_files['server']}"
+labels = "{','.join(LABELS)}"
+[train]
+batch_size = {BATCH_SIZE}
+local_steps = {LOCAL_STEPS}
+[federation]
+clients = {clients}
+min_replies = {min_replies}
+timeout = {timeout}
+""", encoding="utf-8")
+    return path
+
+
+def checkpoint_round(run_dir: Path) -> int:
+    path = run_dir / "checkpoint.json"
+    try:
+        return json.loads(path.read_text())["round"] if path.exists() else 0
+    except (OSError, ValueError):  # read while being replaced
+        return 0
+
+
+def role_of(cmdline: list[str]) -> str:
+    for word in cmdline[:2]:
+        name = os.path.basename(word)
+        if name in ROLES:
+            return name
+    return "other"
+
+
+class RssSampler(threading.Thread):
+    """Samples, once a second, the RSS by Flower role of each watched process tree,
+    with how many rounds the run folder has committed (-1 before the run is submitted)."""
+
+    def __init__(self, roots: dict[str, launch.Launched], run_dir: Path, interval: float = 1.0):
+        super().__init__(daemon=True)
+        self.roots, self.run_dir, self.interval = roots, run_dir, interval
+        self.submitted = False
+        self.samples: list[dict] = []
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            table = launch.process_table()
+            sample = {"round": checkpoint_round(self.run_dir) if self.submitted else -1, "trees": {}}
+            for name, root in self.roots.items():
+                by_role: dict[str, list[float]] = {}
+                tree = {root.pid} | launch.process_tree(root.pid, table)
+                # A ServerApp outlives a crashed SuperExec (re-parented, its --parent-pid gone):
+                # keep the long-lived processes seen once, in the sample and for root.stop().
+                tree |= {pid for pid in root.known if pid in table}
+                for pid in tree:
+                    if pid in table:
+                        role = role_of(table[pid]["cmdline"])
+                        if role in ("flwr-serverapp", "flower-superexec"):
+                            root.known.add(pid)
+                        by_role.setdefault(role, []).append(table[pid]["rss"] / MB)
+                sample["trees"][name] = by_role
+            self.samples.append(sample)
+            self._stop_event.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join()
+
+
+def _stats(values: list[float]) -> dict:
+    return {"peak_mb": max(values), "median_mb": statistics.median(values)} if values else {}
+
+
+def memory_summary(samples: list[dict], rounds: int, nodes: list[str]) -> dict:
+    """Coordinator: idle (nodes connected, before the run), peak (whole run), steady
+    (median once round 1 was committed). Nodes: per SuperNode, and ClientApp peak."""
+    idle = [s for s in samples if s["round"] < 0]
+    run = [s for s in samples if s["round"] >= 0]
+    steady = [s for s in run if 1 <= s["round"] < rounds] or run
+
+    def coord(sample: dict, role: str) -> float:
+        by_role = sample["trees"]["coordinator"]
+        return sum(sum(v) for v in by_role.values()) if role == "total" else sum(by_role.get(role, []))
+
+    coordinator = {}
+    for role in ("flower-superlink", "flwr-serverapp", "flower-superexec", "total"):
+        values = [coord(s, role) for s in run if role == "total" or role in s["trees"]["coordinator"]]
+        steady_values = [coord(s, role) for s in steady if role == "total" or role in s["trees"]["coordinator"]]
+        coordinator[role] = {**_stats(values), "steady_mb": statistics.median(steady_values) if steady_values else None,
+                             "idle_mb": statistics.median([coord(s, role) for s in idle]) if idle else None}
+    per_node = [sum(s["trees"][n].get("flower-supernode", [])) for s in run for n in nodes]
+    node_exec = [sum(s["trees"][n].get("flower-superexec", [])) for s in run for n in nodes]
+    clientapps = [x for s in run for n in nodes for x in s["trees"][n].get("flwr-clientapp", [])]
+    all_nodes = [sum(sum(v) for t in (s["trees"][n] for n in nodes) for v in t.values()) for s in run]
+    return {"coordinator": coordinator, "samples": len(samples),
+            "supernode": _stats(per_node), "supernode_superexec": _stats(node_exec),
+            "clientapp": _stats(clientapps), "all_nodes_total": _stats(all_nodes)}
+
+
+def round_summary(metrics: dict) -> dict:
+    rounds = [{"round": r["round"], "round_seconds": r["round_seconds"], "replies": len(r["clients"]),
+               "failures": r["failures"],
+               "slowest_client_train_seconds": max((c.get("train_seconds", 0.0) for c in r["clients"]), default=0.0),
+               "slowest_client_eval_seconds": r.get("client_eval_seconds_max", 0.0),
+               "server_eval_seconds": r.get("server_eval_seconds", 0.0)} for r in metrics["rounds"]]
+    later = rounds[1:]
+    # The work itself: the slowest client's training and evaluation, and the server's evaluation.
+    work = [r["slowest_client_train_seconds"] + r["slowest_client_eval_seconds"] + r["server_eval_seconds"]
+            for r in later]
+    return {"rounds": rounds, "round_1_seconds": rounds[0]["round_seconds"],
+            "later_mean_seconds": statistics.mean(r["round_seconds"] for r in later) if later else None,
+            "later_work_mean_seconds": statistics.mean(work) if work else None}
+
+
+def simulate(work: Path, config: Path, rounds: int) -> dict:
+    run_dir = work / "sim-run"
+    proc = launch.launch("simulation", ["fedcl", "simulate", "--config", str(config), "--rounds", str(rounds),
+                                        "--out", str(run_dir)], log=work / "logs" / "simulation.log", cwd=ROOT)
+    sampler = RssSampler({"simulation": proc}, run_dir)
+    sampler.submitted = True
+    sampler.start()
+    started = time.time()
+    try:
+        launch.wait_for(lambda: proc.proc.poll() is not None, timeout=900, what="the simulation", interval=1)
+        wall = time.time() - started
+        if proc.proc.returncode != 0:
+            raise RuntimeError(f"simulation failed ({proc.proc.returncode}):\n{proc.tail()}")
+    finally:
+        sampler.stop()
+        proc.stop()
+    totals = [sum(sum(v) for v in s["trees"]["simulation"].values()) for s in sampler.samples]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {"clients": metrics_clients(metrics), "wall_seconds": wall, **round_summary(metrics),
+            "process_tree_rss": _stats(totals)}
+
+
+def metrics_clients(metrics: dict) -> int:
+    return max(len(r["clients"]) for r in metrics["rounds"])
+
+
+def deploy(work: Path, keys, data_files: dict[str, Path], app: Path, nodes: int, rounds: int, *,
+           compare: bool, keep_logs: Path | None = None) -> dict:
+    """A fresh SuperLink (own database) and `nodes` SuperNodes; one run of `rounds` rounds."""
+    root = work / f"deploy-{nodes}"
+    home, run_dir = root / "flwr-home", root / "run"
+    names = [f"hospital-{i:02d}" for i in range(nodes)]
+    config = write_config(root.parent / f"deploy-{nodes}.toml", data_files, nodes,
+                          min_replies=nodes if compare else 1, timeout=COMPARE_TIMEOUT if compare else LARGE_TIMEOUT)
+    port = launch.free_port()
+    address = f"127.0.0.1:{port}"
+    started: list[launch.Launched] = []
+    sampler = None
+    try:
+        link = launch.start_superlink(keys, port=port, database=root / "superlink.db",
+                                      log=root / "logs" / "superlink.log", flwr_home=home)
+        started.append(link)
+        launch.write_connection(home, CONNECTION, address, keys.ca_cert)
+        node_procs = {}
+        for i, name in enumerate(names):
+            launch.register_node(keys, name, CONNECTION, home)
+            node_procs[name] = launch.start_supernode(
+                keys, name, superlink=address, runtime_port=launch.free_port(), data_file=data_files[name],
+                state_dir=root / "state" / name, partition_id=i, log=root / "logs" / f"{name}.log",
+                flwr_home=home)
+            started.append(node_procs[name])
+        launch.wait_for(lambda: launch.online_nodes(CONNECTION, home) == nodes, timeout=60 + 10 * nodes,
+                        what=f"{nodes} SuperNodes online", process=link, interval=2)
+        sampler = RssSampler({"coordinator": link, **node_procs}, run_dir)
+        sampler.start()
+        time.sleep(5)  # a few idle samples: the SuperLink with every node connected, no run
+        sampler.submitted = True
+        submitted = time.time()
+        launch.submit_run(app, CONNECTION, {"config": str(config), "run.out_dir": str(run_dir),
+                                            "federation.rounds": rounds}, home)
+        launch.wait_for(lambda: checkpoint_round(run_dir) >= rounds, timeout=rounds * (2 * COMPARE_TIMEOUT + 300),
+                        what=f"round {rounds} with {nodes} SuperNodes", process=link, interval=1)
+        wall = time.time() - submitted
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        for proc in reversed(started):
+            proc.stop()
+        if keep_logs is not None:  # the work folder is temporary
+            shutil.copytree(root / "logs", keep_logs / root.name, dirs_exist_ok=True)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return {"supernodes": nodes, "wall_seconds": wall, **round_summary(metrics),
+            "memory": memory_summary(sampler.samples, rounds, names), "errors": log_errors(root / "logs")}
+
+
+def log_errors(logs: Path) -> dict:
+    """What went wrong on the way, as the processes logged it."""
+    link = (logs / "superlink.log").read_text(encoding="utf-8", errors="replace")
+    nodes = [p.read_text(encoding="utf-8", errors="replace") for p in logs.glob("hospital-*.log")]
+    return {"superlink_database_locked": link.count("database is locked"),
+            "superlink_http_500": link.count(" 500"),
+            "superlink_superexec_crashed": "flower-superexec\", line" in link,
+            "node_replies_not_delivered": sum(n.count("Failed to send message") for n in nodes)}
+
+
+def _mb(stats: dict, key: str = "peak_mb") -> str:
+    value = stats.get(key) if stats else None
+    return f"{value:.0f}" if value is not None else "-"
+
+
+def render(r: dict) -> list[str]:
+    sim, small = r["simulation"], r["deployments"][0]
+    lines = [f"## Deployment against simulation ({r['model']}, measured {r['when']})", "",
+             f"One benchmark run (`python -m bench.deployment`), side by side: the same config "
+             f"({r['local_steps']} local steps of batch {r['batch_size']}, every client every round, "
+             f"{RECORDS_PER_NODE} records per client) on Flower's simulation engine (Ray, 1 CPU per "
+             "client) and as a real deployment on 127.0.0.1 (a `flower-superlink` and one "
+             "`flower-supernode` per client, TLS and node authentication, submitted with `flwr run`). "
+             "Round time is metrics.json's `round_seconds` (train messages sent to server evaluation "
+             "done); round 1 carries start-up and is shown apart. "
+             f"The machine was shared with other work (load average {r['load_before'][0]:.1f} before, "
+             f"{r['load_after'][0]:.1f} after, on 2 cores): read the ratio, not the seconds.", "",
+             "| run | round 1 s | later rounds s (mean) | of which training and evaluation s | per round s "
+             "| replies per round | run wall s |", "|---|---|---|---|---|---|---|"]
+
+    def row(label: str, x: dict) -> str:
+        later = f"{x['later_mean_seconds']:.1f}" if x["later_mean_seconds"] is not None else "-"
+        work = f"{x['later_work_mean_seconds']:.2f}" if x["later_work_mean_seconds"] is not None else "-"
+        per = ", ".join(f"{y['round_seconds']:.1f}" for y in x["rounds"])
+        replies = ", ".join(str(y["replies"]) for y in x["rounds"])
+        return (f"| {label} | {x['round_1_seconds']:.1f} | {later} | {work} | {per} | {replies} "
+                f"| {x['wall_seconds']:.0f} |")
+
+    lines.append(row(f"simulation, {sim['clients']} clients", sim))
+    for d in r["deployments"]:
+        if "error" not in d:
+            lines.append(row(f"deployment, {d['supernodes']} SuperNodes", d))
+    ratio = r["ratio"]
+    later = f"{ratio['later_rounds']:.2f}x" if ratio["later_rounds"] is not None else "-"
+    lines += [f"| **deployment / simulation, {small['supernodes']} clients** | {ratio['round_1']:.2f}x "
+              f"| {later} | | | | |", "",
+              "Training and evaluation: the slowest client's train and evaluate times and the server's "
+              "evaluation, as metrics.json records them. The rest of a round is Flower's: in deployment "
+              "every message starts a fresh ClientApp process on its node (subprocess isolation; two "
+              "per node per round, train and evaluate), where the simulation's Ray workers keep the "
+              "model loaded after round 1. The deployed clients hold 20% of their file out as a test "
+              "split (unused by them), so they train and evaluate on slightly fewer records than the "
+              "simulated ones; a round's training is the same number of steps either way.", "",
+              "Coordinator resident memory (MB), sampled once a second: SuperLink, the ServerApp "
+              "(`flwr-serverapp`, a separate process started by the SuperLink's SuperExec) and that "
+              "SuperExec. Idle: every node connected, no run; steady: median once round 1 was committed "
+              "(over the whole run when it had one round); peak: the run's maximum. Per SuperNode: the "
+              "`flower-supernode` process (its SuperExec and the ClientApp it starts for each message "
+              "apart).", "",
+              "| SuperNodes | SuperLink idle | SuperLink steady | SuperLink peak | ServerApp steady "
+              "| ServerApp peak | SuperExec peak | coordinator total peak | per SuperNode (median / peak) "
+              "| its SuperExec | ClientApp peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for d in (d for d in r["deployments"] if "error" not in d):
+        m = d["memory"]
+        c = m["coordinator"]
+        lines.append(f"| {d['supernodes']} | {_mb(c['flower-superlink'], 'idle_mb')} "
+                     f"| {_mb(c['flower-superlink'], 'steady_mb')} | {_mb(c['flower-superlink'])} "
+                     f"| {_mb(c['flwr-serverapp'], 'steady_mb')} | {_mb(c['flwr-serverapp'])} "
+                     f"| {_mb(c['flower-superexec'])} | {_mb(c['total'])} "
+                     f"| {_mb(m['supernode'], 'median_mb')} / {_mb(m['supernode'])} "
+                     f"| {_mb(m['supernode_superexec'], 'median_mb')} | {_mb(m['clientapp'])} |")
+    lines.append("")
+    for d in r["deployments"]:
+        e = d.get("errors", {})
+        short = [x for x in d.get("rounds", []) if x["replies"] < d["supernodes"]]
+        if short:
+            lines.append(f"- {d['supernodes']} SuperNodes: " + "; ".join(
+                f"round {x['round']} counted {x['replies']} of {d['supernodes']} train replies "
+                f"(error replies: {x['failures']})" for x in short) + ".")
+        if "error" in d:
+            lines.append(f"- {d['supernodes']} SuperNodes: the run did not complete: "
+                         f"{d['error'].strip().splitlines()[0][:300]}")
+        if e.get("superlink_database_locked") or e.get("node_replies_not_delivered"):
+            lines.append(f"- {d['supernodes']} SuperNodes: the SuperLink's SQLite database (`--database`) "
+                         f"was locked {e['superlink_database_locked']} times; requests failing that way got "
+                         f"HTTP 500, and {e['node_replies_not_delivered']} replies were never delivered "
+                         f"(the round then waits out `federation.timeout`)"
+                         + ("; the SuperLink's SuperExec exited on such an error (the ServerApp ran on)"
+                            if e.get("superlink_superexec_crashed") else "") + ".")
+    lines += ["", f"For scale, the whole simulation (its process with the ServerApp, Ray and Ray's "
+              f"workers) peaked at {_mb(sim['process_tree_rss'])} MB.", ""]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the side-by-side comparison")
+    parser.add_argument("--large-rounds", type=int, default=1, help="rounds with 12 SuperNodes")
+    parser.add_argument("--node-counts", default=",".join(map(str, NODE_COUNTS)))
+    parser.add_argument("--keep-logs", type=Path, help="copy each deployment's process logs here")
+    args = parser.parse_args()
+    counts = [int(n) for n in args.node_counts.split(",")]
+    result = {"model": "tiny-llama", "when": time.strftime("%Y-%m-%d %H:%M"), "local_steps": LOCAL_STEPS,
+              "batch_size": BATCH_SIZE, "load_before": os.getloadavg()}
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="fedcl-bench-deploy-") as tmp:
+        work = Path(tmp)
+        data_files = write_data(work, max(counts))
+        keys = generate_certs(work / "keys", [f"hospital-{i:02d}" for i in range(max(counts))])
+        app = launch.stage_app(ROOT, work / "app")
+        print(f"simulation, {counts[0]} clients ...", flush=True)
+        config = write_config(work / "sim.toml", data_files, counts[0], min_replies=counts[0],
+                              timeout=COMPARE_TIMEOUT)
+        result["simulation"] = simulate(work, config, args.rounds)
+        result["deployments"] = []
+        for i, nodes in enumerate(counts):
+            print(f"deployment, {nodes} SuperNodes ...", flush=True)
+            if i == 0:  # the comparison: it must work
+                result["deployments"].append(deploy(work, keys, data_files, app, nodes, args.rounds,
+                                                    compare=True, keep_logs=args.keep_logs))
+                continue
+            try:
+                result["deployments"].append(deploy(work, keys, data_files, app, nodes, args.large_rounds,
+                                                    compare=False, keep_logs=args.keep_logs))
+            except (RuntimeError, TimeoutError, OSError, KeyError, ValueError) as error:
+                result["deployments"].append({"supernodes": nodes, "error": str(error)[-2000:],
+                                              "errors": log_errors(work / f"deploy-{nodes}" / "logs")})
+    sim, dep = result["simulation"], result["deployments"][0]
+    result["ratio"] = {"round_1": dep["round_1_seconds"] / sim["round_1_seconds"],
+                       "later_rounds": (dep["later_mean_seconds"] / sim["later_mean_seconds"]
+                                        if dep["later_mean_seconds"] and sim["later_mean_seconds"] else None)}
+    result["load_after"] = os.getloadavg()
+    result["total_seconds"] = time.time() - started
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / RESULT).write_text(json.dumps(result, indent=2) + "\n")
+    print("\n".join(render(result)))
+
+
+if __name__ == "__main__":
+    main()
