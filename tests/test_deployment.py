@@ -163,7 +163,7 @@ def test_tls_auth_deployment_survives_a_dead_node_and_a_superlink_restart(deploy
     dep.nodes["hospital-c"].stop(kill=True)
 
     # Round 1 completes without it; then the SuperLink (and the ServerApp under it) stop.
-    L.wait_for(lambda: checkpoint_round(run_dir) >= 1, timeout=150, what="round 1 checkpoint",
+    L.wait_for(lambda: checkpoint_round(run_dir) >= 1, timeout=300, what="round 1 checkpoint",
                process=dep.link)
     dep.link.stop()
     assert checkpoint_round(run_dir) == 1, "the SuperLink was stopped before round 2 completed"
@@ -185,7 +185,7 @@ def test_tls_auth_deployment_survives_a_dead_node_and_a_superlink_restart(deploy
     dep.start_link("superlink-restarted.log")
     L.wait_for(lambda: dep.online_nodes() >= 2, timeout=90, what="nodes back after the restart")
     L.submit_run(app, CONNECTION, run_config, dep.home)
-    L.wait_for(lambda: checkpoint_round(run_dir) >= 2, timeout=150, what="round 2 checkpoint",
+    L.wait_for(lambda: checkpoint_round(run_dir) >= 2, timeout=300, what="round 2 checkpoint",
                process=dep.link)
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -200,6 +200,26 @@ def test_tls_auth_deployment_survives_a_dead_node_and_a_superlink_restart(deploy
         assert all("epsilon" in c for r in metrics["rounds"] for c in r["clients"]), metrics["rounds"]
         assert (tmp_path / "state" / "hospital-a").is_dir()
     assert (run_dir / "adapters" / "round-2" / "adapter_model.safetensors").is_file()
+
+    # A continual-update job on the same federation, through the real CLI: one round on the
+    # nodes' own files, committed as the registry's first version with each node's fingerprint.
+    import subprocess
+    import sys
+
+    from fedcl import data as fdata
+    from fedcl.config import load_config
+
+    registry = tmp_path / "registry"
+    done = subprocess.run([sys.executable, "-m", "fedcl.cli", "update", "--registry", str(registry),
+                           "--deployment", CONNECTION, "--app", str(app), "--config", run_config["config"],
+                           "--rounds", "1"], env=L.flwr_env(dep.home), capture_output=True, text=True,
+                          timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    version = json.loads((registry / "versions" / "v0001" / "version.json").read_text())
+    cfg = load_config(run_config["config"]).data
+    for i, name in enumerate(INSTITUTIONS[:2]):
+        assert version["data_fingerprints"][f"node {i}"] == fdata.fingerprint(fdata.load_records(data[name], cfg))
+    assert (registry / "versions" / "v0001" / "adapter" / "adapter_model.safetensors").is_file()
     print(f"deployment e2e: {time.monotonic() - started:.0f} s, run {run_id}, dp={dp}")
 
 

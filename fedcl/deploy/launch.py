@@ -306,3 +306,34 @@ def stage_app(source: Path, target: Path) -> Path:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, dest)
     return target
+
+
+def run_on_federation(config, *, connection: str, app_dir: Path, flwr_home: Path | None = None,
+                      poll: float = 5.0, log: Callable[[str], None] = print) -> str:
+    """Submit `config` as a run to a deployed federation and wait for it to end; return its status.
+
+    The resolved config is written next to the run folder as TOML (the run
+    config only carries `config` and the keys pyproject declares), submitted
+    with `flwr run`, and followed with `flwr ls` while the run folder's
+    checkpoint shows the rounds as they commit.
+    """
+    from fedcl.atomic import write_text
+
+    home = flwr_home or Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+    out = Path(config.run.out_dir)
+    toml = out.parent / f"{out.name}.toml"
+    write_text(toml, config.to_toml())
+    run_id = submit_run(app_dir, connection, {"config": str(toml), "run.out_dir": str(out),
+                                              "federation.rounds": config.federation.rounds}, home)
+    log(f"run {run_id} submitted to {connection}; waiting for {config.federation.rounds} rounds")
+    seen, status = -1, ""
+    while True:
+        status = run_status(run_id, connection, home)
+        checkpoint = out / "checkpoint.json"
+        done = json.loads(checkpoint.read_text())["round"] if checkpoint.exists() else 0
+        if done != seen:
+            log(f"run {run_id}: round {done} of {config.federation.rounds} committed ({status})")
+            seen = done
+        if status.startswith("finished"):
+            return status
+        time.sleep(poll)
