@@ -117,10 +117,18 @@ class DataConfig:
     # Cap on training records taken from the source (0: all); keeps demos short.
     max_records: int = 0
     max_test_records: int = 0
-    # Continual learning: a meta column holding each record's date ("" : off, one
-    # ordinary federation); the records are cut into one task per period of it.
+    # Continual learning, off while both are empty (one ordinary federation):
+    # - task_column: a meta column holding each record's date; one task per period
+    #   of it, oldest first (domain-incremental);
+    # - task_groups: label groups, one task each, in order (class-incremental):
+    #   "Acne,Pain; Depression,Insomnia" (";" between tasks, "," between labels).
     task_column: str = ""
     task_period: TaskPeriod = "year"
+    task_groups: str = ""
+
+    def label_groups(self) -> list[list[str]]:
+        return [[label.strip() for label in group.split(",") if label.strip()]
+                for group in self.task_groups.split(";") if group.strip()]
 
     def __post_init__(self) -> None:
         _check(bool(self.dataset) or bool(self.path), "data.dataset", self.dataset,
@@ -135,6 +143,15 @@ class DataConfig:
         _check(self.max_records >= 0, "data.max_records", self.max_records, "0 or a positive integer")
         _check(self.max_test_records >= 0, "data.max_test_records", self.max_test_records, "0 or a positive integer")
         _check_choice("data.task_period", self.task_period, get_args(TaskPeriod))
+        _check(not (self.task_column and self.task_groups), "data.task_groups", self.task_groups,
+               "empty when data.task_column is set (a stream is cut one way)")
+        if self.task_groups:
+            groups = self.label_groups()
+            labels = [label for group in groups for label in group]
+            _check(len(groups) >= 2 and all(groups), "data.task_groups", self.task_groups,
+                   'at least two non-empty label groups, e.g. "Acne,Pain; Depression"')
+            _check(len(set(labels)) == len(labels), "data.task_groups", self.task_groups,
+                   "each label in one group only")
         key = "data.classification_template" if self.task == "classification" else "data.instruction_template"
         slot = "{text}" if self.task == "classification" else "{prompt}"
         template = self.classification_template if self.task == "classification" else self.instruction_template
@@ -339,6 +356,9 @@ class ContinualConfig:
     # Only read when data.task_column is set (continual learning on); see continual/.
     # naive, replay, ewc, replay+ewc, or avalanche:<Name> (LwF, EWC, SI, MAS, AGEM, Replay).
     strategy: str = "naive"
+    # The chance that a client holds a given task (1: every client holds every task);
+    # a task is always held by at least one client.
+    task_presence: float = 1.0
     # Federated rounds spent on each task; the run has tasks x rounds_per_task rounds
     # (federation.rounds is then ignored).
     rounds_per_task: int = 2
@@ -366,6 +386,8 @@ class ContinualConfig:
                                   "which is not installed here (`make install` installs it)")
         else:
             _check_choice("continual.strategy", self.strategy, CONTINUAL_STRATEGIES)
+        _check(0.0 < self.task_presence <= 1.0, "continual.task_presence", self.task_presence,
+               "a float in (0, 1]")
         _check(1 <= self.rounds_per_task <= 10_000, "continual.rounds_per_task", self.rounds_per_task,
                "a positive integer")
         _check(self.replay_capacity >= 1, "continual.replay_capacity", self.replay_capacity, "a positive integer")
@@ -424,7 +446,7 @@ class Config:
     @property
     def continual_on(self) -> bool:
         """Continual learning is on when the data name a task column."""
-        return bool(self.data.task_column)
+        return bool(self.data.task_column or self.data.task_groups)
 
     # -- conversions -------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:

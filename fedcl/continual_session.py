@@ -45,7 +45,7 @@ from continual.methods import Method, make_method
 from continual.replay import replay_count, replay_pool
 from continual.state import check_state
 from fedcl.atomic import write_bytes
-from continual.streams import StreamError, Task, by_period, client_share
+from continual.streams import StreamError, Task, by_label_groups, by_period, client_share
 from fedcl.config import Config, ConfigError, avalanche_plugin
 
 logger = logging.getLogger("fedcl.continual")
@@ -84,11 +84,20 @@ def build_stream(data_cfg, seed: int) -> tuple[Task, ...]:
     from fedcl.session import dataset_for
 
     dataset = dataset_for(data_cfg, seed)
-    stream = by_period(dataset.train, data_cfg.task_column, data_cfg.task_period,
-                       test_records=dataset.test, seed=seed)
+    if data_cfg.task_groups:
+        known = {r["label"] for r in dataset.train}
+        unknown = [label for group in data_cfg.label_groups() for label in group if label not in known]
+        if unknown:
+            raise StreamError(f"data.task_groups: label(s) {unknown} are not in the data; its labels are "
+                              + ", ".join(sorted(known)))
+        stream = by_label_groups(dataset.train, data_cfg.label_groups(), test_records=dataset.test, seed=seed)
+    else:
+        stream = by_period(dataset.train, data_cfg.task_column, data_cfg.task_period,
+                           test_records=dataset.test, seed=seed)
     empty = [task.name for task in stream if not task.test_records]
     if empty:
-        raise StreamError(f"data.task_column = {data_cfg.task_column!r}: task(s) {', '.join(empty)} have no "
+        where = "data.task_groups" if data_cfg.task_groups else f"data.task_column = {data_cfg.task_column!r}"
+        raise StreamError(f"{where}: task(s) {', '.join(empty)} have no "
                           f"test records; use a coarser data.task_period (now {data_cfg.task_period!r}) "
                           "or more test data")
     return tuple(stream)
@@ -117,7 +126,8 @@ class NodeContinual:
         self.session, self.config = session, session.config
         self.state_dir = Path(state_dir)
         stream = build_stream(self.config.data, self.config.train.seed)
-        self.shares = client_share(list(stream), share, num_shares, self.config.train.seed)
+        self.shares = client_share(list(stream), share, num_shares, self.config.train.seed,
+                                   presence=self.config.continual.task_presence)
         self.method: Method = make_method(self.config.continual, node_seed(self.config.train.seed,
                                                                           session.client_id), self.config.train)
         self.method.load(self.state_dir)
@@ -330,6 +340,7 @@ def continual_section(config: Config, names: list[str], matrix: list[list[float]
     """metrics.json's ``continual`` section from the rows so far (figures None while undefined)."""
     section = {"strategy": config.continual.strategy, "rounds_per_task": config.continual.rounds_per_task,
                "task_column": config.data.task_column, "task_period": config.data.task_period,
+               "task_groups": config.data.task_groups,
                "tasks": list(names), "accuracy_matrix": [list(r) for r in matrix],
                "zero_shot": list(zero_shot) if zero_shot is not None else None,
                "average_accuracy": None, "bwt": None, "forgetting": None, "fwt": None,

@@ -221,3 +221,37 @@ def test_federated_importance_is_averaged_and_anchors_every_client(tmp_path, sma
 def test_federated_importance_needs_ewc():
     with pytest.raises(ConfigError, match="continual.federated_importance"):
         load_config(None, ["continual.strategy=replay", "continual.federated_importance=true"])
+
+
+def test_label_groups_make_a_class_incremental_stream_some_clients_lack(tmp_path):
+    config = load_config(None, ["model.name=tiny-llama", "data.max_records=36", "data.max_test_records=18",
+                                "train.local_steps=1", "train.batch_size=4", "federation.clients=3",
+                                "data.task_groups=Birth Control; Pain,Acne; Depression",
+                                "continual.rounds_per_task=1", "continual.task_presence=0.5",
+                                "continual.strategy=replay", f"run.out_dir={tmp_path / 'run'}",
+                                f"run.state_dir={tmp_path / 'state'}"])
+    stream = build_stream(config.data, config.train.seed)
+    assert [t.name for t in stream] == ["Birth Control", "Pain+Acne", "Depression"]
+    assert all({r["label"] for r in t.train_records} <= set(t.name.split("+")) for t in stream)
+    _, metrics = run_server(config)
+    section = check_section(metrics, config)
+    assert section["task_groups"] == config.data.task_groups
+    # with presence 0.5 some client lacks some task: it replied idle, and no round failed
+    assert sum(r["idle"] for r in metrics["rounds"]) > 0
+    assert all(r["failures"] == 0 for r in metrics["rounds"])
+
+
+def test_bad_label_groups_are_refused_with_the_key():
+    with pytest.raises(ConfigError, match="data.task_groups"):
+        load_config(None, ["data.task_groups=Acne"])  # one group is no stream
+    with pytest.raises(ConfigError, match="each label in one group only"):
+        load_config(None, ["data.task_groups=Acne,Pain; Pain"])
+    with pytest.raises(ConfigError, match="data.task_groups"):
+        load_config(None, ["data.task_groups=Acne; Pain", "data.task_column=date"])
+    with pytest.raises(ConfigError, match="continual.task_presence"):
+        load_config(None, ["continual.task_presence=0"])
+    from continual.streams import StreamError
+
+    config = load_config(None, ["data.max_records=36", "data.task_groups=Acne; Pain; Depression; Nope"])
+    with pytest.raises(StreamError, match="'Nope'"):
+        build_stream(config.data, config.train.seed)
