@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 # Each module writes bench/results/<RESULT> when run and has render(result) -> markdown lines.
 BENCHMARKS = ["bench.foundation", "bench.privacy_overhead", "bench.deployment", "bench.tuning",
-              "bench.strategies", "bench.continual"]
+              "bench.strategies", "bench.continual", "bench.privacy_utility"]
 
 
 HEADER = """# Benchmarks

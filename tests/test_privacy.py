@@ -368,3 +368,61 @@ def test_ledger_survives_a_client_killed_before_its_reply(tmp_path):
     eps = reply.content.metric_records["metrics"]["epsilon"]
     assert eps > killed.entries[0]["epsilon"]
     assert [e["round"] for e in PrivacyLedger.load(path).entries] == [1, 2]
+
+
+# -- the canary audit's statistics ---------------------------------------------------
+def test_audit_bound_of_perfectly_separated_scores_is_what_n_canaries_can_prove():
+    from fedcl.privacy.audit import audit_bound, epsilon_lower_bound, max_provable_epsilon
+
+    n, alpha = 50, 0.05
+    members, others = [100.0 + i for i in range(n)], [float(i) for i in range(n)]
+    bound = audit_bound(members, others, alpha=alpha)
+    # Best threshold: every member above, no non-member. TPR = 1 has the one-sided
+    # Clopper-Pearson lower bound beta^(1/n), FPR = 0 the upper bound 1 - beta^(1/n),
+    # beta being alpha split over the 2 bounds of each of the 2n thresholds.
+    beta = alpha / (2 * 2 * n)
+    expected = math.log(beta ** (1 / n) / (1 - beta ** (1 / n)))
+    assert bound.epsilon == pytest.approx(expected, rel=1e-9)
+    assert bound.threshold == 100.0 and bound.thresholds == 2 * n
+    assert max_provable_epsilon(n, n, alpha=alpha) == pytest.approx(expected, rel=1e-9)
+    # delta is subtracted from TPR, as (eps, delta)-DP allows: a slightly smaller bound.
+    with_delta = epsilon_lower_bound(members, others, alpha=alpha, delta=0.01)
+    assert with_delta == pytest.approx(math.log((beta ** (1 / n) - 0.01) / (1 - beta ** (1 / n))), rel=1e-9)
+    assert with_delta < bound.epsilon
+    # More canaries prove more; fewer, less.
+    assert max_provable_epsilon(200, 200) > expected > max_provable_epsilon(10, 10)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_audit_bound_of_identical_distributions_is_about_zero(seed):
+    from fedcl.privacy.audit import epsilon_lower_bound
+
+    rng = torch.Generator().manual_seed(seed)
+    scores = torch.randn(400, generator=rng).tolist()
+    assert epsilon_lower_bound(scores[:200], scores[200:]) < 0.15
+    # The very same scores on both sides: nothing to tell apart, exactly 0.
+    assert epsilon_lower_bound(scores[:200], scores[:200]) == 0.0
+
+
+@pytest.mark.parametrize("scores_in, scores_out", [
+    ([0.0], [0.0]), ([1.0], [0.0]), ([0.0], [1.0]),  # one canary a side
+    ([0.0] * 5, [1.0] * 5),  # members scored below non-members: no evidence, not negative
+    ([3.0, 3.0, 3.0], [3.0, 3.0]),  # ties everywhere
+])
+def test_audit_bound_is_never_negative_or_nan(scores_in, scores_out):
+    from fedcl.privacy.audit import audit_bound
+
+    bound = audit_bound(scores_in, scores_out, delta=1e-5)
+    assert bound.epsilon >= 0.0 and math.isfinite(bound.epsilon)
+    json.dumps(bound.to_dict(), allow_nan=False)  # a result file never holds NaN
+
+
+@pytest.mark.parametrize("scores_in, scores_out, kw, key", [
+    ([], [1.0], {}, "scores_in"), ([1.0], [float("nan")], {}, "scores_out"),
+    ([1.0], [0.0], {"alpha": 0.0}, "alpha"), ([1.0], [0.0], {"delta": 1.0}, "delta"),
+])
+def test_audit_bound_rejects_bad_input(scores_in, scores_out, kw, key):
+    from fedcl.privacy.audit import audit_bound
+
+    with pytest.raises(ValueError, match=key):
+        audit_bound(scores_in, scores_out, **kw)

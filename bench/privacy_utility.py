@@ -1,0 +1,407 @@
+"""Privacy against utility, and an empirical privacy audit with canaries (issue 3).
+
+    .venv/bin/python -m bench.privacy_utility             # one seed
+    .venv/bin/python -m bench.privacy_utility --seeds 2
+
+1. Utility: the final global accuracy and macro-F1 on each dataset with
+   sample-level DP-SGD at epsilon 1, 3 and 8 (delta 1e-5), against the same
+   federation without DP and against centralised training without DP (one
+   client holding all the training records, `clients` x `local_steps` steps
+   per round, so it takes as many optimiser steps on as many examples as the
+   federation's clients together).
+2. Audit: 2m random canaries with random labels, m written into one client's
+   training file and m held out; after the federation each canary is scored by
+   minus the global model's loss on it, and `fedcl.privacy.audit` turns a
+   threshold sweep into an epsilon lower bound, set beside the epsilon the
+   ledgers accounted.
+
+Every federation runs the real ServerApp and ClientApp in-process through
+tests/inprocess.py's InProcessGrid (no Ray, whose start costs about 15 s), one
+subprocess per run, two at a time with one torch thread each (2 cores); run
+and state folders live in a temporary directory, so every DP ledger starts at
+zero. Clients keep no evaluation hold-out (data.eval_fraction = 0), so their
+empty evaluation replies are dropped before Flower averages them. The model is `tiny-llama` (randomly initialised, two layers): the
+135M model's steps are far too slow for thousands of DP steps on 2 shared
+cores. Writes bench/results/privacy_utility.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+RESULT = "privacy_utility.json"
+MODEL = "tiny-llama"
+EPSILONS = (1.0, 3.0, 8.0)
+DELTA = 1e-5
+GOAL_FRACTION = 0.95  # at epsilon 8, of the non-private federated accuracy
+# Clients hold out nothing for their own evaluation: every record trains (DP
+# needs the records) and the server's test split is what is reported.
+COMMON = [f"model.name={MODEL}", "model.threads=1", "data.eval_fraction=0"]
+DATASETS = {
+    # 196 training reviews: ~65 per client, the hard case for DP.
+    "drugreview-condition": {"clients": 3, "rounds": 8, "local_steps": 20, "batch_size": 8, "lr": 1e-2,
+                             "extra": []},
+    # 7,886 loans: ~2,630 per client. The test split is capped (stratified) to
+    # keep the server's per-round evaluation affordable; 4 rounds of 40 steps
+    # (as many steps as 8 of 20) halve the number of evaluations.
+    "lending-club": {"clients": 3, "rounds": 4, "local_steps": 40, "batch_size": 32, "lr": 1e-2,
+                     "extra": ["data.max_test_records=600"]},
+}
+# DP runs use the same learning rate and batch unless a dataset names its own here.
+DP_SETTINGS: dict[str, dict] = {}
+AUDIT = {"dataset": "drugreview-condition", "canaries": 50, "epsilon": 8.0, "alpha": 0.05}
+
+
+# -- one run (in a worker process) ---------------------------------------------------
+
+def _overrides(dataset: str, *, epsilon: float, centralised: bool, seed: int) -> list[str]:
+    s = {**DATASETS[dataset], **(DP_SETTINGS.get(dataset, {}) if epsilon else {})}
+    clients, steps = (1, s["local_steps"] * s["clients"]) if centralised else (s["clients"], s["local_steps"])
+    out = COMMON + [f"data.dataset={dataset}", f"federation.clients={clients}",
+                    f"federation.rounds={s['rounds']}", f"train.local_steps={steps}",
+                    f"train.batch_size={s['batch_size']}", f"train.lr={s['lr']}", f"train.seed={seed}",
+                    *s["extra"]]
+    if epsilon:
+        out += [f"privacy.target_epsilon={epsilon}", f"privacy.delta={DELTA}"]
+    return out
+
+
+def _drop_empty_evaluations(partition_id: int, reply):
+    # With data.eval_fraction = 0 every client's own evaluation covers no
+    # records, and Flower's weighted mean of their metrics divides by a zero
+    # total; dropping those empty replies leaves the server's test split as the
+    # only evaluation, which is what is reported anyway.
+    if reply.metadata.message_type == "evaluate" and not reply.has_error():
+        metrics = next(iter(reply.content.metric_records.values()), {})
+        if not metrics.get("num-examples", 0):
+            return None
+    return reply
+
+
+def _federate(overrides: list[str], work: Path) -> tuple[object, dict, float]:
+    """Run one federation through the real apps; (config, metrics.json, seconds)."""
+    from client.app import app as client_app
+    from fedcl.config import load_config
+    from server.app import main as server_main
+    from tests.inprocess import InProcessGrid, server_context
+
+    config = load_config(None, overrides + [f"run.out_dir={work / 'run'}", f"run.state_dir={work / 'state'}"])
+    flat = config.to_flat()
+    start = time.perf_counter()
+    grid = InProcessGrid(client_app, config.federation.clients, flat, intercept=_drop_empty_evaluations)
+    server_main(grid, server_context(flat))
+    seconds = time.perf_counter() - start
+    return config, json.loads((work / "run" / "metrics.json").read_text()), seconds
+
+
+def _summary(metrics: dict) -> dict:
+    last = metrics["rounds"][-1]["eval"]
+    privacy = metrics.get("privacy", {})
+    clients = privacy.get("clients", {})
+    return {"accuracy": last["accuracy"], "macro_f1": last["macro_f1"], "loss": last["loss"],
+            "majority_baseline": last["majority_baseline"], "test_records": last["num_examples"],
+            "accuracy_per_round": [r["eval"]["accuracy"] for r in metrics["rounds"]],
+            "epsilon": privacy.get("max_client_epsilon", 0.0),
+            "client_epsilons": {k: v["epsilon"] for k, v in clients.items()},
+            "noise_multipliers": {k: v.get("noise_multiplier") for k, v in clients.items()},
+            "sample_rates": {k: v.get("sample_rate") for k, v in clients.items()}}
+
+
+def utility_worker(spec: dict, work: Path) -> dict:
+    overrides = _overrides(spec["dataset"], epsilon=spec["epsilon"], centralised=spec["centralised"],
+                           seed=spec["seed"])
+    _, metrics, seconds = _federate(overrides, work)
+    return {**spec, **_summary(metrics), "seconds": seconds, "overrides": overrides}
+
+
+def _canaries(count: int, labels: list[str], rng: random.Random) -> list[dict]:
+    """Unique random texts of pseudo-words, each with a random label: nothing to learn but themselves."""
+    seen, out = set(), []
+    while len(out) < count:
+        text = " ".join("".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 8)))
+                        for _ in range(10))
+        if text not in seen:
+            seen.add(text)
+            out.append({"text": text, "label": rng.choice(labels)})
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _canary_losses(config, run_dir: Path, records: list[dict]) -> list[float]:
+    """Each record's cross-entropy under the final global adapter."""
+    import torch
+
+    from fedcl.session import GlobalEvaluator
+
+    evaluator = GlobalEvaluator(config)
+    state = evaluator.load_saved(run_dir / "adapters" / f"round-{config.federation.rounds}")
+    model, task = evaluator.shared.model, evaluator.shared.task
+    evaluator.layout.load(model, state, evaluator.shared.initial_state, source="final global adapter")
+    model.eval()
+    with torch.no_grad():
+        batch = task.encode([{**r, "meta": {}} for r in records])
+        logits = task.logits(model, batch)
+        return torch.nn.functional.cross_entropy(logits.float(), batch.targets, reduction="none").tolist()
+
+
+def audit_worker(spec: dict, work: Path) -> dict:
+    """Canaries into one client's file, the federation, then the membership test."""
+    from fedcl import data
+    from fedcl.config import load_config
+    from fedcl.privacy.audit import audit_bound, max_provable_epsilon
+
+    dataset, seed, m = spec["dataset"], spec["seed"], spec["canaries"]
+    s = DATASETS[dataset]
+    demo = data.load_dataset(load_config(None, [f"data.dataset={dataset}"]).data, seed=seed)
+    rng = random.Random(f"canaries/{seed}")
+    canaries = _canaries(2 * m, demo.labels, rng)
+    inside, outside = canaries[:m], canaries[m:]
+    # Each demo record goes to one site at random; every "in" canary to site-0.
+    rows = [{"text": r["text"], "label": r["label"], "site": f"site-{rng.randrange(s['clients'])}"}
+            for r in demo.train] + [{**c, "site": "site-0"} for c in inside]
+    rng.shuffle(rows)
+    _write_jsonl(work / "train.jsonl", rows)
+    _write_jsonl(work / "test.jsonl", [{"text": r["text"], "label": r["label"]} for r in demo.test])
+    overrides = [o for o in _overrides(dataset, epsilon=spec["epsilon"], centralised=False, seed=seed)
+                 if not o.startswith("data.dataset=")]
+    overrides += ["data.dataset=", f"data.path={work / 'train.jsonl'}", f"data.test_path={work / 'test.jsonl'}",
+                  f"data.labels={','.join(demo.labels)}", "data.partition=column",
+                  "data.partition_column=site", "data.classification_template=Review: {text}\nCondition:"]
+    config = load_config(None, overrides)
+    # The "in" canaries must be training records of exactly one client, and in no test split.
+    split = data.load_dataset(config.data, seed=seed)
+    texts = {c["text"] for c in inside}
+    holders = {cid: sum(r["text"] in texts for r in data.client_split(config.data, split, cid, s["clients"],
+                                                                         seed)[0])
+               for cid in range(s["clients"])}
+    holder = max(holders, key=holders.get)
+    if holders[holder] != m or sum(holders.values()) != m or any(r["text"] in texts for r in split.test):
+        raise RuntimeError(f"canaries misplaced: per client {holders}")
+    config, metrics, seconds = _federate(overrides, work)
+    loss_in = _canary_losses(config, work / "run", inside)
+    loss_out = _canary_losses(config, work / "run", outside)
+    delta = DELTA if spec["epsilon"] else 0.0
+    bound = audit_bound([-x for x in loss_in], [-x for x in loss_out], alpha=spec["alpha"], delta=delta)
+    summary = _summary(metrics)
+    return {**spec, **summary, "seconds": seconds, "holder": holder,
+            "holder_records": len(data.client_split(config.data, split, holder, s["clients"], seed)[0]),
+            "holder_epsilon": summary["client_epsilons"].get(str(holder), 0.0),
+            "bound": bound.to_dict(), "ceiling": max_provable_epsilon(m, m, alpha=spec["alpha"], delta=delta),
+            "mean_loss_in": sum(loss_in) / m, "mean_loss_out": sum(loss_out) / m}
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="fedcl-privacy-utility-") as tmp:
+        return (audit_worker if spec["kind"] == "audit" else utility_worker)(spec, Path(tmp))
+
+
+# -- the driver ---------------------------------------------------------------------
+
+def _specs(seeds: int) -> list[dict]:
+    specs = []
+    for seed in range(seeds):
+        for dataset in DATASETS:
+            specs.append({"kind": "utility", "dataset": dataset, "condition": "federated", "epsilon": 0.0,
+                          "centralised": False, "seed": seed})
+            specs.append({"kind": "utility", "dataset": dataset, "condition": "centralised", "epsilon": 0.0,
+                          "centralised": True, "seed": seed})
+            for eps in EPSILONS:
+                specs.append({"kind": "utility", "dataset": dataset, "condition": f"dp-eps{eps:g}",
+                              "epsilon": eps, "centralised": False, "seed": seed})
+    for eps in (0.0, AUDIT["epsilon"]):
+        specs.append({"kind": "audit", "dataset": AUDIT["dataset"], "condition": f"audit-eps{eps:g}",
+                      "epsilon": eps, "canaries": AUDIT["canaries"], "alpha": AUDIT["alpha"], "seed": 0})
+    # DP runs are the slow ones: start them first so two workers finish together.
+    return sorted(specs, key=lambda s: (s["epsilon"] == 0, s["kind"] != "audit"))
+
+
+def _launch(spec: dict) -> dict:
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "bench.privacy_utility", "--worker", json.dumps(spec)],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    if out.returncode != 0:  # one failed run is reported, not fatal to the others
+        print(f"worker {spec} failed:\n{out.stderr[-3000:]}", flush=True)
+        return {**spec, "error": out.stderr[-3000:]}
+    row = json.loads(out.stdout.strip().splitlines()[-1])
+    row["wall_seconds"] = time.perf_counter() - started
+    print(f"{row['dataset']} {row['condition']} seed {row['seed']}: acc {row['accuracy']:.3f} "
+          f"f1 {row['macro_f1']:.3f} eps {row['epsilon']:.2f} ({row['wall_seconds']:.0f} s)", flush=True)
+    return row
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def summarise(rows: list[dict]) -> dict:
+    out: dict[str, dict] = {}
+    for dataset in DATASETS:
+        conditions: dict[str, dict] = {}
+        for row in (r for r in rows if r["kind"] == "utility" and r["dataset"] == dataset):
+            conditions.setdefault(row["condition"], []).append(row)
+        table = {}
+        for name, group in conditions.items():
+            table[name] = {key: _mean([g[key] for g in group]) for key in
+                           ("accuracy", "macro_f1", "loss", "majority_baseline", "epsilon")}
+            table[name]["seeds"] = len(group)
+            table[name]["test_records"] = group[0]["test_records"]
+        fed = table["federated"]["accuracy"]
+        for entry in table.values():
+            entry["of_federated"] = entry["accuracy"] / fed if fed else 0.0
+        dp8 = table.get(f"dp-eps{EPSILONS[-1]:g}", {})
+        out[dataset] = {"conditions": table,
+                        "goal_met": bool(dp8) and dp8["accuracy"] >= GOAL_FRACTION * fed}
+    return out
+
+
+def _settings() -> dict:
+    return {name: {**s, "dp": {**s, **DP_SETTINGS.get(name, {})}} for name, s in DATASETS.items()}
+
+
+# -- BENCHMARKS.md --------------------------------------------------------------------
+
+_CLASSES = {"drugreview-condition": 4, "lending-club": 2}
+_ORDER = ["centralised", "federated"] + [f"dp-eps{e:g}" for e in EPSILONS]
+_NAMES = {"centralised": "centralised, no DP", "federated": "federated, no DP",
+          **{f"dp-eps{e:g}": f"federated, DP target eps {e:g}" for e in EPSILONS}}
+
+
+def _utility_lines(name: str, block: dict, settings: dict) -> list[str]:
+    rows = block["conditions"]
+    fed = rows["federated"]
+    s = settings[name]
+    lines = [f"**{name}** ({s['clients']} clients, {s['rounds']} rounds x {s['local_steps']} local steps, "
+             f"batch {s['batch_size']}, AdamW lr {s['lr']:g}; centralised: 1 client, "
+             f"{s['rounds']} x {s['clients'] * s['local_steps']} steps; "
+             f"{fed['test_records']} test records; majority baseline {fed['majority_baseline']:.3f})", "",
+             "| run | epsilon spent (max over clients) | accuracy | of non-DP federated | macro-F1 | test loss |",
+             "|---|---|---|---|---|---|"]
+    for key in _ORDER:
+        if key in rows:
+            r = rows[key]
+            eps = f"{r['epsilon']:.2f}" if r["epsilon"] else "-"
+            lines.append(f"| {_NAMES[key]} | {eps} | {r['accuracy']:.3f} | {100 * r['of_federated']:.1f}% "
+                         f"| {r['macro_f1']:.3f} | {r['loss']:.3f} |")
+    dp8 = rows.get(f"dp-eps{EPSILONS[-1]:g}")
+    if dp8:
+        verdict = "met" if block["goal_met"] else "not met"
+        lines += ["", f"Goal at epsilon {EPSILONS[-1]:g} (accuracy >= {100 * GOAL_FRACTION:.0f}% of the non-private "
+                  f"federated run's): {100 * dp8['of_federated']:.1f}%, **{verdict}**."]
+        if fed["accuracy"] <= fed["majority_baseline"] + 0.01:
+            p, k = fed["majority_baseline"], _CLASSES[name]
+            lines.append(f"The non-private federation itself ends at (or within a point of) the majority "
+                         f"baseline here, so the accuracy goal says little about what DP costs; macro-F1 is "
+                         f"the figure to read (always answering the majority class scores "
+                         f"{2 * p / (1 + p) / k:.3f}).")
+    return lines + [""]
+
+
+def render(result: dict) -> list[str]:
+    seeds = result["seeds"]
+    lines = [f"## Privacy against utility ({result['model']}, {seeds} seed{'s' if seeds > 1 else ''}, "
+             f"measured {result['when']})", "",
+             f"Final global accuracy and macro-F1 on the server's test split with sample-level DP-SGD at "
+             f"target epsilon {', '.join(f'{e:g}' for e in result['epsilons'])} (delta {result['delta']:g}, "
+             "RDP accountant, clip 1.0, noise calibrated once for the whole run), against the same "
+             "federation without DP and against centralised training without DP. Centralised is one "
+             "client holding every training record and taking clients x local steps per round, so it "
+             "takes as many optimiser steps on as many examples as the federation's clients together. "
+             "Every run is the real ServerApp and ClientApp driven in-process (tests/inprocess.py's "
+             "InProcessGrid, no Ray), two runs at a time with one thread each, each with fresh ledgers.", "",
+             f"**Model: `{result['model']}`**, a randomly initialised two-layer test model, not the "
+             "135M default: at about 3 s a step on these 2 shared cores the real model cannot take the "
+             "thousands of DP steps these runs need. It learns weakly, so these figures show what DP "
+             "costs relative to a weak learner, not what a pretrained model reaches. DP runs use the "
+             "non-private learning rate and batch size (no DP-specific tuning was done); clients keep "
+             "no evaluation hold-out (`data.eval_fraction = 0`), so every record trains.", ""]
+    # Tables come from the raw runs, so a render after a change here needs no re-run.
+    utility = summarise(result["runs"])
+    for name, block in utility.items():
+        lines += _utility_lines(name, block, result["settings"])
+    flat = all(abs(r["accuracy"] - r["majority_baseline"]) <= 0.02
+               for block in utility.values() for r in block["conditions"].values())
+    if flat:
+        lines += ["**What this run shows:** no run, private or not, ended more than 2 points from the "
+                  "majority baseline, so the goal is met only vacuously: with this model the learner, not "
+                  "DP, is the bottleneck. Measuring what DP really costs needs a model that learns these "
+                  "tasks (the pretrained default) and the compute for it.", ""]
+    lines += _audit_lines(result)
+    if result.get("failed"):
+        lines += [f"Runs that failed: {', '.join(r['condition'] + ' on ' + r['dataset'] for r in result['failed'])}.", ""]
+    return lines
+
+
+def _audit_lines(result: dict) -> list[str]:
+    audit = result["audit"]
+    if not audit:
+        return []
+    a = result["audit_settings"]
+    lines = [f"## Privacy audit with canaries ({result['model']}, measured {result['when']})", "",
+             f"{2 * a['canaries']} canaries (unique random pseudo-word texts, random labels) on "
+             f"{a['dataset']}: {a['canaries']} written into one client's training file (checked to be "
+             f"in its training split, in no test split), {a['canaries']} held out. After the federation "
+             "(same settings as above) each canary is scored by minus the global model's loss on it; "
+             "every threshold on the scores is a membership test, its TPR bounded from below and FPR "
+             f"from above by one-sided Clopper-Pearson intervals ({100 * (1 - a['alpha']):.0f}% overall, "
+             "alpha split over every threshold tried), and epsilon >= log((TPR - delta) / FPR) or "
+             "log((1 - FPR - delta) / (1 - TPR)) (`fedcl/privacy/audit.py`).", "",
+             "| run | epsilon accounted (canary client / max over clients) | epsilon lower bound | "
+             "most these canaries could prove | mean loss in / out | bound <= accounted |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(audit, key=lambda r: r["epsilon"]):
+        b = r["bound"]
+        dp = r["epsilon"] > 0
+        accounted = f"{r['holder_epsilon']:.2f} / {r['epsilon']:.2f}" if dp else "none (no DP)"
+        ok = ("yes" if b["epsilon"] <= r["holder_epsilon"] + 1e-9 else "**no**") if dp else "-"
+        lines.append(f"| {'DP, target eps ' + format(r['epsilon'], '.0f') if dp else 'no DP'} | {accounted} "
+                     f"| {b['epsilon']:.2f} | {r['ceiling']:.2f} | {r['mean_loss_in']:.3f} / "
+                     f"{r['mean_loss_out']:.3f} | {ok} |")
+    lines += ["", f"Limited power: with {a['canaries']} canaries a side no outcome can prove more than the "
+              "ceiling above, so the audit can catch an accounting that is far too optimistic at small "
+              "epsilon, but cannot show that epsilon 8 is tight. A weak model that barely memorises "
+              "anything also yields a bound near 0 without DP; the contrast row says how much this model "
+              "memorises at all.", ""]
+    return lines
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(json.loads(sys.argv[2]))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--parallel", type=int, default=2)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        rows = [r for r in pool.map(_launch, _specs(args.seeds))]
+    failed = [r for r in rows if "error" in r]
+    rows = [r for r in rows if "error" not in r]
+    result = {"model": MODEL, "when": time.strftime("%Y-%m-%d %H:%M"), "delta": DELTA, "epsilons": list(EPSILONS),
+              "seeds": args.seeds, "settings": _settings(), "audit_settings": AUDIT,
+              "utility": summarise(rows), "audit": [r for r in rows if r["kind"] == "audit"],
+              "runs": [r for r in rows if r["kind"] == "utility"],
+              "failed": failed, "wall_seconds": time.perf_counter() - started}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / RESULT).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["utility"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
