@@ -111,7 +111,12 @@ def evaluate(model, task, records: list, train_cfg: TrainConfig, model_cfg: Mode
     """Accuracy figures (classification) or loss/perplexity (instruction) on `records`."""
     model.eval()
     if not records:
-        return {metrics.NUM_EXAMPLES: 0}
+        # The same figures as a scored set, at zero: a client without evaluation records
+        # (e.g. a Dirichlet split) must reply with the keys the others send, or Flower
+        # refuses the round's replies as inconsistent; its weight, 0 examples, drops it.
+        if isinstance(task, ClassificationTask):
+            return {**metrics.classification_report([], [], task.labels), metrics.LOSS: 0.0}
+        return metrics.language_model_report(0.0, 0, 0)
     total_loss, total_tokens, y_true, y_pred = 0.0, 0, [], []
     for chunk in _chunks(records, train_cfg.eval_batch_size):
         batch: Batch = task.encode(chunk)

@@ -145,7 +145,9 @@ class RoundBookkeeping:
         seconds = [float(m.get("eval-seconds", 0.0)) for r in replies
                    for m in r.content.metric_records.values()]
         rec["client_eval_seconds_max"] = max(seconds, default=0.0)
-        result = super().aggregate_evaluate(server_round, replies) if replies else None  # type: ignore[misc]
+        weight = sum(float(m.get(NUM_EXAMPLES, 0)) for r in replies for m in r.content.metric_records.values())
+        # No client holds evaluation records (e.g. data.eval_fraction = 0): nothing to average.
+        result = super().aggregate_evaluate(server_round, replies) if replies and weight > 0 else None  # type: ignore[misc]
         if result is not None:
             rec["federated_eval"] = {k: v for k, v in result.items() if k != PARTITION_ID}
         return result

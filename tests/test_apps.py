@@ -155,3 +155,26 @@ def test_adapter_state_round_trip(tmp_path):
     load_adapter_state(model, changed)
     assert all(torch.equal(adapter_state(model)[k], changed[k]) for k in before)
     load_adapter_state(model, before)
+
+
+def test_a_client_without_evaluation_records_does_not_break_the_round(tmp_path):
+    # data.eval_fraction=0: no client holds evaluation records; their evaluate replies must
+    # still carry the figures the others send (Flower refuses inconsistent replies).
+    config = small_config(tmp_path, "federation.rounds=1", "data.eval_fraction=0")
+    grid, metrics = run_server(config)
+    replies = [r for r in grid.replies if r.metadata.message_type == "evaluate"]
+    assert replies and not any(r.has_error() for r in replies)
+    keys = [set(next(iter(r.content.metric_records.values())).keys()) for r in replies]
+    assert all(k == keys[0] for k in keys) and "accuracy" in keys[0]
+    assert metrics["rounds"][0]["failures"] == 0 and "federated_eval" not in metrics["rounds"][0]
+
+
+def test_an_empty_evaluation_has_the_keys_of_a_scored_one(tmp_path):
+    from fedcl.train import evaluate
+
+    config = small_config(tmp_path)
+    evaluator = GlobalEvaluator(config)
+    model, task = evaluator.shared.model, evaluator.shared.task
+    scored = evaluate(model, task, evaluator.shared.dataset.test[:4], config.train, config.model)
+    empty = evaluate(model, task, [], config.train, config.model)
+    assert set(empty) == set(scored) and empty["num_examples"] == 0 and empty["accuracy"] == 0.0

@@ -186,6 +186,7 @@ class Launched:
     proc: subprocess.Popen
     log: Path
     known: set[int] = field(default_factory=set)  # descendants seen so far
+    born: dict[int, float] = field(default_factory=dict)  # their start times, when first seen
 
     @property
     def pid(self) -> int:
@@ -197,7 +198,14 @@ class Launched:
     def descendants(self) -> set[int]:
         """Child processes now alive, remembered so that a later stop still finds them
         after their parent has gone."""
-        self.known |= process_tree(self.pid, process_table())
+        import psutil
+
+        for pid in process_tree(self.pid, process_table()) - self.known:
+            try:
+                self.born[pid] = psutil.Process(pid).create_time()
+            except psutil.NoSuchProcess:
+                continue
+            self.known.add(pid)
         return self.known
 
     def tail(self, chars: int = 3000) -> str:
@@ -212,8 +220,9 @@ class Launched:
         for pid in tree:
             try:
                 p = psutil.Process(pid)
-                # A pid recycled by an unrelated process would have started after ours.
-                if pid != self.pid and p.create_time() > time.time():
+                # A descendant that died may have left its pid to an unrelated process,
+                # which started at another time than the one we saw.
+                if pid != self.pid and abs(p.create_time() - self.born.get(pid, p.create_time())) > 0.01:
                     continue
                 procs.append(p)
                 p.send_signal(signal.SIGKILL if kill else signal.SIGTERM)

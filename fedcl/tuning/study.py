@@ -123,7 +123,7 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         return optuna.storages.RDBStorage(url, heartbeat_interval=15, grace_period=60)
 
 
-def make_sampler(name: str, space: SearchSpace, seed: int) -> optuna.samplers.BaseSampler:
+def make_sampler(name: str, space: SearchSpace, seed: int, trials: int = 40) -> optuna.samplers.BaseSampler:
     if name == "grid":
         return optuna.samplers.GridSampler(space.grid(), seed=seed)
     if name == "random":
@@ -134,7 +134,10 @@ def make_sampler(name: str, space: SearchSpace, seed: int) -> optuna.samplers.Ba
         except ImportError:
             raise TuneError("--sampler cmaes needs the cmaes package: pip install cmaes") from None
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-    return optuna.samplers.TPESampler(seed=seed)
+    # TPE draws its first n_startup_trials at random (Optuna's default: 10); with a
+    # budget of a few dozen trials or less that would make it a random search, so it
+    # models the space after a third of the budget (at least 3 trials, at most 10).
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(3, min(10, trials // 3)))
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:
@@ -160,7 +163,7 @@ def open_study(options: TuneOptions, space: SearchSpace, out: Path,
             raise TuneError(f"study {options.study_name!r} was run with {key} = {stored!r}, not "
                             f"{value!r}; use that, or another --study-name")
     # A fresh seed per session, so a resumed random/TPE search does not repeat its first points.
-    study.sampler = make_sampler(options.sampler, space, options.seed + len(study.trials))
+    study.sampler = make_sampler(options.sampler, space, options.seed + len(study.trials), options.trials)
     return study
 
 
