@@ -7,10 +7,10 @@ test file under a temporary folder (so continual runs and the joint run see
 exactly the same test records):
 
 - drug reviews, class-incremental: six conditions of the drug-review demo in
-  three pairs; the federation cuts streams only by a date column
-  (``data.task_column``), so each record carries a synthetic ``group`` column,
-  "2001", "2002" or "2003", that encodes its condition pair, and
-  ``data.task_period = year`` makes each pair one task.
+  three pairs; each record carries a synthetic ``group`` column, "2001",
+  "2002" or "2003", that encodes its condition pair, and ``data.task_period =
+  year`` makes each pair one task (written before ``data.task_groups``, which
+  now cuts such a stream directly; the tasks are the same).
 - headlines, domain-incremental by month: three months of the headlines demo.
   That demo is an instruction task and continual runs report accuracies, so a
   binary label is derived from the words of each headline: "covid" when it

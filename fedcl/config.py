@@ -59,12 +59,16 @@ class ModelConfig:
     compute_dtype: ComputeDtype = "float32"
     # Torch threads per client process (0: all cores given to the process).
     threads: int = 0
+    # Keep only the first N transformer layers of the base (0: all): a smaller, faster
+    # model from the same pretrained weights, for quick trials on small machines.
+    layers: int = 0
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", self.name, "a model name or path")
         _check(8 <= self.max_length <= 8192, "model.max_length", self.max_length, "an integer in [8, 8192]")
         _check_choice("model.compute_dtype", self.compute_dtype, get_args(ComputeDtype))
         _check(self.threads >= 0, "model.threads", self.threads, "0 (auto) or a positive integer")
+        _check(self.layers >= 0, "model.layers", self.layers, "0 (all) or a positive integer")
 
 
 @dataclass(frozen=True)

@@ -298,6 +298,18 @@ def _suggest(names: list[str], limit: int = 12) -> str:
     return ", ".join(suffixes[:limit]) + more
 
 
+def keep_layers(model: PreTrainedModel, count: int) -> None:
+    """Cut the decoder to its first `count` layers, in place (the final norm and head stay)."""
+    decoder = model.get_decoder()
+    total = len(decoder.layers)
+    if not 1 <= count <= total:
+        raise ModelError(f"model.layers: got {count}, this model has {total} layers (0 keeps all)")
+    decoder.layers = decoder.layers[:count]
+    model.config.num_hidden_layers = count
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:count]
+
+
 def build_lora_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *,
                      device: str | torch.device = "cpu") -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """A fresh base from `model_cfg.name` with a LoRA adapter; only LoRA trains.
@@ -307,6 +319,8 @@ def build_lora_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *,
     PEFT wraps it (opacus#820 reported corrupted LoRA updates otherwise).
     """
     model, tokenizer = load_base(model_cfg.name)
+    if model_cfg.layers:
+        keep_layers(model, model_cfg.layers)
     model = model.to(device)
     peft_config = PeftLoraConfig(
         task_type=TaskType.CAUSAL_LM, r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
