@@ -440,3 +440,21 @@ def test_smollm2_gguf_converted_once(background, monkeypatch, capfd):
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, prompt["input_ids"].shape[1]:])
+
+
+def test_model_layers_keeps_the_first_layers_and_refuses_too_many():
+    from fedcl.config import LoraConfig, ModelConfig
+    from fedcl.models import ModelError, build_lora_model, describe, load_base
+
+    full, _ = load_base("tiny-llama")
+    cut, _ = build_lora_model(ModelConfig(name="tiny-llama", layers=1), LoraConfig())
+    assert describe(cut)["num_layers"] == 1 and len(cut.get_base_model().get_decoder().layers) == 1
+    assert all(".layers.0." in n for n, p in cut.named_parameters() if p.requires_grad)
+    # the kept layer is the base's own first layer (same weights), and the model still runs
+    kept = cut.get_base_model().get_decoder().layers[0].mlp.down_proj.weight
+    assert torch.equal(kept, full.get_decoder().layers[0].mlp.down_proj.weight)
+    out = cut(input_ids=torch.tensor([[5, 6, 7]])).logits
+    assert out.shape[:2] == (1, 3) and torch.isfinite(out).all()
+    assert len(load_base("tiny-llama")[0].get_decoder().layers) == 2  # the cached base is untouched
+    with pytest.raises(ModelError, match="model.layers: got 5, this model has 2 layers"):
+        build_lora_model(ModelConfig(name="tiny-llama", layers=5), LoraConfig())
