@@ -33,9 +33,10 @@ def render() -> None:
     parts = [HEADER]
     for name in BENCHMARKS:
         module = importlib.import_module(name)  # each benchmark renders its own section
-        path = RESULTS / module.RESULT
-        if path.exists():
-            parts += module.render(json.loads(path.read_text()))
+        for result in [module.RESULT, *getattr(module, "EXTRA_RESULTS", [])]:
+            path = RESULTS / result
+            if path.exists():
+                parts += module.render(json.loads(path.read_text()))
     notes = ROOT / "bench" / "NOTES.md"
     if notes.exists():
         parts.append(notes.read_text())
