@@ -261,7 +261,8 @@ def _mean(values: list[float]) -> float:
 
 def summarise(rows: list[dict]) -> dict:
     out: dict[str, dict] = {}
-    for dataset in DATASETS:
+    # the datasets of these rows (a result written under another profile may hold fewer)
+    for dataset in dict.fromkeys(r["dataset"] for r in rows if r["kind"] == "utility"):
         conditions: dict[str, dict] = {}
         for row in (r for r in rows if r["kind"] == "utility" and r["dataset"] == dataset):
             conditions.setdefault(row["condition"], []).append(row)
