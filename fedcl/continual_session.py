@@ -53,6 +53,8 @@ logger = logging.getLogger("fedcl.continual")
 STATE_FILE = "continual.json"
 ACCUMULATOR_FILE = "dp-grad-squares.safetensors"
 SHARED_IMPORTANCE_FILE = "federated-importance.safetensors"
+ACCUMULATOR_KIND = "fedcl.continual.grad_squares"
+SHARED_IMPORTANCE_KIND = "fedcl.continual.shared_importance"
 KIND = "fedcl.continual.node"
 VERSION = 1
 DEFINITIONS = {
@@ -187,24 +189,13 @@ class NodeContinual:
             raise ValueError(f"the server's importance for task {task} does not fit this model: {reason}")
         if task < self.closed:
             return  # that task is closed already (e.g. with this node's own importance)
-        from safetensors.torch import save as to_bytes
-
-        meta = {"kind": "fedcl.continual.shared_importance", "task": str(task)}
-        write_bytes(self.state_dir / SHARED_IMPORTANCE_FILE,
-                    to_bytes({n: t.contiguous() for n, t in importance.items()}, metadata=meta))
+        _write_task_tensors(self.state_dir / SHARED_IMPORTANCE_FILE, SHARED_IMPORTANCE_KIND, task, importance)
 
     def _shared_importance(self, task: int) -> dict[str, torch.Tensor] | None:
-        path = self.state_dir / SHARED_IMPORTANCE_FILE
-        if not path.exists():
+        found = _read_task_tensors(self.state_dir / SHARED_IMPORTANCE_FILE, SHARED_IMPORTANCE_KIND, task)
+        if found is None:
             return None
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
-        if int(meta.get("task", -1)) != task:
-            return None
-        tensors = load_file(str(path))
+        tensors, _ = found
         return OrderedDict((n, tensors[n]) for n in trainable(self.session.model))
 
     def local_importance(self, task: int, dp: bool) -> dict[str, torch.Tensor]:
@@ -287,28 +278,41 @@ class NodeContinual:
         return result
 
 
-def _load_accumulator(path: Path, task: int) -> tuple[dict, int]:
-    """The squared released gradients of `task` so far (empty for another task or none)."""
+def _write_task_tensors(path: Path, kind: str, task: int, tensors: dict[str, torch.Tensor], **meta) -> None:
+    """Tensors of one task, their order, kind and task in the file's metadata; written atomically."""
+    from safetensors.torch import save as to_bytes
+
+    header = {"kind": kind, "task": str(task), "names": "\n".join(tensors), **{k: str(v) for k, v in meta.items()}}
+    write_bytes(path, to_bytes({n: t.contiguous() for n, t in tensors.items()}, metadata=header))
+
+
+def _read_task_tensors(path: Path, kind: str, task: int) -> tuple[dict, dict] | None:
+    """What `_write_task_tensors` wrote for this `kind` and `task` (tensors in order, metadata), else None."""
     if not path.exists():
-        return OrderedDict(), 0
-    from safetensors.torch import load_file
+        return None
     from safetensors import safe_open
+    from safetensors.torch import load_file
 
     with safe_open(str(path), framework="pt") as handle:
         meta = handle.metadata() or {}
-    if meta.get("kind") != "fedcl.continual.grad_squares" or int(meta.get("task", -1)) != task:
-        return OrderedDict(), 0
+    if meta.get("kind") != kind or int(meta.get("task", -1)) != task:
+        return None
     tensors = load_file(str(path))
-    names = [n for n in meta.get("names", "").split("\n") if n]
-    return OrderedDict((n, tensors[n]) for n in names), int(meta["count"])
+    names = [n for n in meta.get("names", "").split("\n") if n] or list(tensors)
+    return OrderedDict((n, tensors[n]) for n in names), meta
+
+
+def _load_accumulator(path: Path, task: int) -> tuple[dict, int]:
+    """The squared released gradients of `task` so far (empty for another task or none)."""
+    found = _read_task_tensors(path, ACCUMULATOR_KIND, task)
+    if found is None:
+        return OrderedDict(), 0
+    sums, meta = found
+    return sums, int(meta["count"])
 
 
 def _save_accumulator(path: Path, task: int, acc: GradSquareAccumulator) -> None:
-    from safetensors.torch import save as to_bytes
-
-    meta = {"kind": "fedcl.continual.grad_squares", "task": str(task), "count": str(acc.count),
-            "names": "\n".join(acc.sums)}
-    write_bytes(path, to_bytes({n: t.contiguous() for n, t in acc.sums.items()}, metadata=meta))
+    _write_task_tensors(path, ACCUMULATOR_KIND, task, acc.sums, count=acc.count)
 
 
 def dp_base_plan(config: Config, shares: list[Task]):

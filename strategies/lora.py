@@ -28,7 +28,7 @@ from flwr.supercore import log
 
 from strategies import screening
 from strategies.base import NUM_EXAMPLES, PARTITION_ID, TASK, RoundBookkeeping
-from strategies.importance import FederatedImportance
+from strategies.importance import IMPORTANCE, FederatedImportance
 from strategies.wire import arrays_to_state, decode_update, encode_global, state_to_arrays
 
 
@@ -74,9 +74,9 @@ class LoraStrategy(FederatedImportance, RoundBookkeeping):
         count_key = client if TASK not in metrics else f"{client}/task-{int(metrics[TASK])}"
         start = self.update_start()
         # taken off before anything else: Flower aggregates exactly one ArrayRecord per reply
-        importance = msg.content.array_records.get("importance")
+        importance = msg.content.array_records.get(IMPORTANCE)
         if importance is not None:
-            del msg.content["importance"]
+            del msg.content[IMPORTANCE]
         record = msg.content.array_records["arrays"]
         reason = screening.check_schema(record, self.reply_template or start, self.transport)
         update = None
