@@ -17,13 +17,22 @@ importance every round. The bridge therefore holds back the plugin's
 task's share of this node's data, with the global adapter after the task
 loaded, which is the anchor our own EWC uses too.
 
-What it does not do: DP-SGD. Avalanche's plugins add loss terms outside the
-criterion (Opacus's optimizer would drop their gradients) and pass over raw
-data at task ends (importances, teacher outputs, memories) that no accountant
-sees, so `fedcl.config` refuses ``avalanche:*`` with DP on. EWC, MAS, SI and
-LwF here also keep copies of every parameter of the model they are given,
-frozen base weights included (LwF a whole model): fine for small models,
-costly for large ones, where fedcl's own ``ewc`` keeps the adapter only.
+Under DP-SGD (``privacy.mode = "sample"``) only LwF runs
+(`fedcl.config.AVALANCHE_DP_PLUGINS`). Its distillation term is computed
+through the forward pass on each example, so fedcl's DP-SGD loop
+(`fedcl.privacy.dpsgd.train_private`, Poisson batches, Opacus) trains on the
+cross-entropy plus the plugin's own term (`dp_batch_loss`), and every
+example's clipped, noised gradient covers both. Its task end
+(`after_task_private`) sees no data: the teacher is the global adapter (DP
+output already), and the class set is every label of the run rather than the
+ones the node's records hold. The other plugins add terms of the weights alone
+(EWC, SI, MAS), which Opacus's optimizer drops, or pass over raw data outside
+DP-SGD (importances, A-GEM's reference gradients, replay memories), so
+`fedcl.config` refuses them with DP-SGD on. Client-level DP clips and noises
+the whole update, so every plugin runs under it. EWC, MAS, SI and LwF here
+also keep copies of every parameter of the model they are given, frozen base
+weights included (LwF a whole model): fine for small models, costly for
+large ones, where fedcl's own ``ewc`` keeps the adapter only.
 
 Importing Avalanche takes seconds (it pulls in torchvision and more), so it
 is imported only when such a strategy is built.
@@ -40,7 +49,7 @@ import torch
 
 from continual.methods import Method
 from fedcl.atomic import write_bytes
-from fedcl.config import AVALANCHE_PLUGINS, ContinualConfig, TrainConfig
+from fedcl.config import AVALANCHE_DP_PLUGINS, AVALANCHE_PLUGINS, ContinualConfig, TrainConfig
 from fedcl.tasks import Batch, ClassificationTask, decoder_and_head
 
 KIND = "fedcl.continual.avalanche"
@@ -257,6 +266,26 @@ class AvalancheMethod(Method):
         finally:
             strategy.experience = None
             model.train(was_training)
+
+    # -- under DP-SGD (LwF only, see the module docstring) ------------------------------------
+    def dp_batch_loss(self, model, task: ClassificationTask, batch: Batch) -> torch.Tensor:
+        """The batch's mean cross-entropy plus the plugin's term, for `train_private`'s `batch_loss`."""
+        if self.plugin_name not in AVALANCHE_DP_PLUGINS:
+            raise ValueError(f"{self.name} does not run under DP-SGD; supported: "
+                             + ", ".join(f"avalanche:{n}" for n in AVALANCHE_DP_PLUGINS))
+        net = VerbalizerClassifier(model, task.label_token_ids)
+        x = pack(batch)
+        logits = net(x)
+        loss = torch.nn.functional.cross_entropy(logits, batch.targets, label_smoothing=task.label_smoothing)
+        # LwF's own call: the teacher's logits on the same examples, distilled with its
+        # alpha and temperature (0 before the first task end).
+        return loss + self.plugin.lwf(x, logits, net)
+
+    def after_task_private(self, model, task: ClassificationTask) -> None:
+        """The plugin's end of experience without the node's records (one placeholder per label)."""
+        if self.plugin_name not in AVALANCHE_DP_PLUGINS:
+            raise ValueError(f"{self.name} does not run under DP-SGD")
+        self.after_task(model, task, [{"text": "", "label": label, "meta": {}} for label in task.labels])
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -341,6 +341,12 @@ CONTINUAL_STRATEGIES = ("naive", "replay", "ewc", "replay+ewc")
 # short name; the plugin's class name (e.g. "LwFPlugin") is accepted too.
 AVALANCHE_PLUGINS = {"LwF": "LwFPlugin", "EWC": "EWCPlugin", "SI": "SynapticIntelligencePlugin",
                      "MAS": "MASPlugin", "AGEM": "AGEMPlugin", "Replay": "ReplayPlugin"}
+# With DP-SGD (privacy.mode = "sample") only LwF: its distillation term is computed
+# through the forward pass on each example, so per-sample clipping and noise cover it,
+# and its task end keeps a model copy and the label set (no pass over data). The others
+# add terms of the weights alone (EWC, SI, MAS: dropped by Opacus's optimizer) or use
+# raw records outside DP-SGD (importances, A-GEM's reference gradients, replay memories).
+AVALANCHE_DP_PLUGINS = ("LwF",)
 
 
 def avalanche_plugin(strategy: str) -> str | None:
@@ -436,12 +442,17 @@ class Config:
         _check(not (self.privacy.enabled and self.privacy.mode == "client")
                or self.strategy.name in client_dp_strategies, "strategy.name", self.strategy.name,
                f'one of {", ".join(client_dp_strategies)} with privacy.mode = "client"')
-        # Avalanche's plugins add loss terms Opacus's optimizer drops and read raw data at
-        # task ends outside any accountant (continual/avalanche_bridge.py).
-        _check(not (self.privacy.enabled and self.continual_on and avalanche_plugin(self.continual.strategy)),
+        # Under DP-SGD, Avalanche's plugins other than LwF add loss terms Opacus's optimizer
+        # drops or read raw data outside it (AVALANCHE_DP_PLUGINS). Client-level DP clips
+        # and noises the whole update, whatever local training produced it.
+        plugin = avalanche_plugin(self.continual.strategy) if self.continual_on else None
+        _check(not (self.privacy.enabled and self.privacy.mode == "sample" and plugin is not None
+                    and plugin not in AVALANCHE_DP_PLUGINS),
                "continual.strategy", self.continual.strategy,
-               "one of fedcl's own strategies (naive, replay, ewc, replay+ewc) when differential privacy "
-               "is on: Avalanche's plugins are not accounted for under DP")
+               "one of naive, replay, ewc, replay+ewc or "
+               + ", ".join(f"avalanche:{name}" for name in AVALANCHE_DP_PLUGINS)
+               + " with DP-SGD (privacy.mode = \"sample\"): the other Avalanche plugins are not "
+               "accounted for under DP-SGD (continual/avalanche_bridge.py)")
         # Client-level DP noises the adapter update only; the importances would travel unprotected.
         _check(not (self.privacy.enabled and self.privacy.mode == "client" and self.continual_on
                     and self.continual.federated_importance), "continual.federated_importance", True,

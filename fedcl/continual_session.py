@@ -169,7 +169,11 @@ class NodeContinual:
                             self.session.client_id, j)
             if fisher is None:
                 fisher = self._released_fisher(j, model) if dp else None
-            self.method.after_task(model, self.session.shared.task, self.records(j), fisher=fisher)
+            private_end = getattr(self.method, "after_task_private", None)
+            if dp and private_end is not None:  # Avalanche's LwF: its task end reads no records
+                private_end(model, self.session.shared.task)
+            else:
+                self.method.after_task(model, self.session.shared.task, self.records(j), fisher=fisher)
             self.closed += 1
             logger.info("client %d | task %d closed (%s)", self.session.client_id, j, self.method.name)
         self.method.before_task(task, self.records(task))
@@ -269,11 +273,14 @@ class NodeContinual:
         sums, count = _load_accumulator(path, task)
         acc = GradSquareAccumulator()
         acc.sums, acc.count = sums, count
-        model = self.session.model
-        result = train_private(model, self.session.shared.task, pool_records, self.config.train,
+        model, task_kind = self.session.model, self.session.shared.task
+        own_loss = getattr(self.method, "dp_batch_loss", None)  # Avalanche's LwF: CE + distillation
+        result = train_private(model, task_kind, pool_records, self.config.train,
                                self.config.model, dp_plan, progress=progress,
                                after_noise=(lambda: acc.add(model),
-                                            lambda: self.method.add_penalty_gradient(model)))
+                                            lambda: self.method.add_penalty_gradient(model)),
+                               batch_loss=None if own_loss is None else (
+                                   lambda m, batch: own_loss(m, task_kind, batch)))
         _save_accumulator(path, task, acc)
         return result
 

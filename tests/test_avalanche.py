@@ -141,6 +141,60 @@ def test_names_settings_and_dp_are_checked_at_load():
     assert make_method(ContinualConfig(strategy="avalanche:LwF")).name == "avalanche:LwF"
     with pytest.raises(ConfigError, match="avalanche:LwF, avalanche:EWC"):
         ContinualConfig(strategy="avalanche:GEM")
-    with pytest.raises(ConfigError, match="not accounted for under DP"):
-        load_config(None, ["data.task_column=date", "continual.strategy=avalanche:LwF",
-                           "privacy.target_epsilon=8"])
+    dp = ["data.task_column=date", "privacy.target_epsilon=8"]
+    for name in ("EWC", "SI", "MAS", "AGEM", "Replay"):
+        with pytest.raises(ConfigError, match="not accounted for under DP-SGD"):
+            load_config(None, dp + [f"continual.strategy=avalanche:{name}"])
+    assert load_config(None, dp + ["continual.strategy=avalanche:LwF"]).privacy.enabled
+    # client-level DP noises the whole update: any plugin may produce it
+    assert load_config(None, dp + ["continual.strategy=avalanche:EWC", "privacy.mode=client"]).privacy.enabled
+
+
+def _sgd_step_under_dp(model, task, data, m, start):
+    """One full-batch DP-SGD step (noise 0, no effective clipping, SGD lr 1): minus the released gradient."""
+    import math
+
+    from fedcl.privacy.accounting import DPPlan
+    from fedcl.privacy.dpsgd import train_private
+
+    plan = DPPlan(noise_multiplier=0.0, sample_rate=1.0, expected_batch_size=len(data), max_grad_norm=1e6,
+                  steps_per_round=1, planned_steps=1, delta=1e-5, accountant="rdp", epsilon_cap=math.inf)
+    load_adapter_state(model, start)
+    train_private(model, task, data, TRAIN, load_config(None, ["model.name=tiny-llama"]).model, plan,
+                  make_optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0),
+                  batch_loss=lambda mod, batch: m.dp_batch_loss(mod, task, batch))
+    return {n: start[n] - v for n, v in adapter_state(model).items()}
+
+
+@pytest.mark.privacy
+def test_lwf_distillation_reaches_the_dp_sgd_update(tiny):
+    # Opacus reads per-sample gradients off activations; LwF's term goes through the forward
+    # pass, so with noise 0 and a clip bound never reached the released gradient must equal
+    # the plain gradient of cross-entropy + distillation, and differ from cross-entropy alone.
+    model, task, model_cfg, start = tiny
+    data = records(6, flip=True)
+    m = method("LwF")
+    load_adapter_state(model, start)
+    m.after_task_private(model, task)  # teacher: the model at `start`
+    assert m.plugin.lwf.prev_classes_by_task[0] == {0, 1}  # every label, not the records' own
+    with torch.no_grad():  # move the student away from its teacher, so distillation has a gradient
+        moved = {n: v + 0.05 * torch.randn_like(v) for n, v in start.items()}
+    released = _sgd_step_under_dp(model, task, data, m, moved)
+
+    def plain_gradient(loss_of):
+        load_adapter_state(model, moved)
+        model.zero_grad(set_to_none=True)
+        model.train()
+        loss_of(task.encode(data)).backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.eval()
+        return grads
+
+    with_lwf = plain_gradient(lambda batch: m.dp_batch_loss(model, task, batch))
+    ce_only = plain_gradient(lambda batch: task.per_example_loss(model, batch).mean())
+    assert list(released) == list(with_lwf)
+    gap = 0.0
+    for name, value in released.items():
+        assert torch.allclose(value, with_lwf[name], atol=1e-5, rtol=1e-4), name
+        gap += float((with_lwf[name] - ce_only[name]).pow(2).sum())
+    assert gap ** 0.5 > 1e-4  # the distillation term is really in it

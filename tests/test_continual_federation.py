@@ -105,6 +105,47 @@ def test_an_avalanche_plugin_runs_in_the_federation(tmp_path, small):
     assert json.loads((tmp_path / "state" / "client-0" / "continual.json").read_text())["closed"] == 2
 
 
+@pytest.mark.privacy
+def test_avalanche_lwf_runs_under_dp_sgd_with_its_teacher(tmp_path, small, monkeypatch):
+    pytest.importorskip("avalanche", reason="avalanche-lib is installed by `make install`")
+    from continual.avalanche_bridge import AvalancheMethod, VerbalizerClassifier, pack
+
+    distilled = []  # LwF's term in DP-SGD's loss, once a task is closed
+    original = AvalancheMethod.dp_batch_loss
+
+    def spy(self, model, task, batch):
+        loss = original(self, model, task, batch)
+        if self.plugin.lwf.prev_model is not None:
+            with torch.no_grad():  # a forward outside the graph: Opacus's hooks record nothing
+                distilled.append(float(self.plugin.lwf(pack(batch), task.logits(model, batch),
+                                                       VerbalizerClassifier(model, task.label_token_ids))))
+        return loss
+
+    monkeypatch.setattr(AvalancheMethod, "dp_batch_loss", spy)
+    config = small("continual.strategy=avalanche:LwF", "privacy.target_epsilon=8", "privacy.delta=1e-3",
+                   "train.local_steps=2")
+    grid, metrics = run_server(config)
+    assert not [r for r in grid.replies if r.has_error()]
+    check_section(metrics, config)
+    eps = [c["epsilon"] for r in metrics["rounds"] for c in r["clients"] if "epsilon" in c]
+    assert eps and all(0 < e <= 8.0 + 1e-6 for e in eps)
+    assert distilled and max(distilled) > 0
+    assert json.loads((tmp_path / "state" / "client-0" / "continual.json").read_text())["closed"] == 2
+
+
+@pytest.mark.privacy
+def test_any_avalanche_plugin_runs_under_client_level_dp(tmp_path, small):
+    # The server clips and noises each whole update, so local training may be anything.
+    pytest.importorskip("avalanche", reason="avalanche-lib is installed by `make install`")
+    config = small("continual.strategy=avalanche:EWC", "privacy.mode=client", "privacy.target_epsilon=8",
+                   "privacy.delta=1e-3", "train.local_steps=1")
+    grid, metrics = run_server(config)
+    assert not [r for r in grid.replies if r.has_error()]
+    check_section(metrics, config)
+    assert metrics["privacy"]["mode"] == "client"
+    assert (tmp_path / "state" / "client-0" / "avalanche-ewc.pt").exists()
+
+
 def test_dp_replay_ewc_completes_and_reports_epsilon(tmp_path, small, monkeypatch):
     # The EWC gradient added after the DP noise must be non-zero once a task is closed:
     # that is what changes the DP update (continual/test_continual pins its exact effect).

@@ -8,10 +8,14 @@ are Poisson samples (each record joins each step with probability
 that step still adds noise and still counts.
 
 The hooks are attached for the round and removed after it, because the model
-is shared by every simulated client of a worker process. Only the loss built
-from `task.per_example_loss` reaches the parameters: a term outside it (a
-proximal or EWC penalty) would be dropped by the DP optimizer (opacus#249),
-so none is accepted here.
+is shared by every simulated client of a worker process. Only a loss computed
+through the model's forward pass on the batch reaches the parameters: the
+per-sample gradients are read off the layers' activations, so a term outside
+it (a proximal or EWC penalty, a function of the weights alone) would be
+dropped by the DP optimizer (opacus#249). The loss is the batch mean of
+`task.per_example_loss`, or `batch_loss` when a continual method brings its own
+(Avalanche's LwF adds its distillation term, itself a batch mean of
+per-example terms, so each example's clipped gradient covers both).
 
 Batches and noise come from the operating system's secure randomness, not
 from the run seed: the server knows the run seed and could otherwise
@@ -54,12 +58,15 @@ def train_private(model, task, records: list, train_cfg: TrainConfig, model_cfg:
                   plan: DPPlan, *, generator: torch.Generator | None = None,
                   make_optimizer: Callable[[list], torch.optim.Optimizer] | None = None,
                   progress: Callable[[int, float], None] | None = None,
-                  after_noise: Sequence[Callable[[], None]] = ()) -> TrainResult:
+                  after_noise: Sequence[Callable[[], None]] = (),
+                  batch_loss: Callable[[torch.nn.Module, object], torch.Tensor] | None = None) -> TrainResult:
     """Run `plan.steps_per_round` DP-AdamW steps on `records` (plan from `plan_for`).
 
     `make_optimizer(params)` replaces AdamW (tests use plain SGD to read the
     privatised gradient off the update). `after_noise` callbacks run after each
     step's noise, before the update (see the module docstring).
+    `batch_loss(model, batch)`, when given, replaces the mean per-example loss:
+    it must be a mean over the batch of terms each depending on one example only.
     """
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
@@ -88,7 +95,8 @@ def train_private(model, task, records: list, train_cfg: TrainConfig, model_cfg:
             if indices:
                 batch = task.encode([records[i] for i in indices])
                 with autocast(model_cfg):
-                    loss = task.per_example_loss(model, batch).mean()
+                    loss = (batch_loss(model, batch) if batch_loss is not None
+                            else task.per_example_loss(model, batch).mean())
                 loss.backward()
                 losses.append(float(loss.detach()))
                 tokens += int(batch.attention_mask.sum())
