@@ -72,7 +72,7 @@ def _round(msg: Message) -> int:
 def _task(msg: Message) -> int:
     config: ConfigRecord = msg.content.config_records.get("config", ConfigRecord())
     if TASK not in config:
-        raise ValueError("continual learning is on (data.task_column), but the server sent no task index")
+        raise ValueError("continual learning is on (data.task_column, task_groups or task_files), but the server sent no task index")
     return int(config[TASK])
 
 

@@ -6,7 +6,8 @@ holds records in `fedcl.data`'s format. Builders:
 - `by_period(records, column, period)`: domain-incremental by time, one task per
   year, quarter or month of the date in ``record["meta"][column]``, in time order.
 - `by_label_groups(records, groups)`: class-incremental, one task per group of labels.
-- `from_files(paths, cfg)`: one task per data file, in the order given.
+- `from_files(paths, cfg)`: one task per data file, in the order given;
+  `by_file` cuts a run's dataset the same way (``data.task_files``).
 
 Without separate test records, each task holds out `test_fraction` of its own
 records (stratified by label, seeded). `client_share` gives one client its part
@@ -26,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from fedcl.config import DataConfig
-from fedcl.data import DataError, load_records, split_holdout
+from fedcl.data import TASK_FILE_KEY, DataError, load_records, split_holdout
 
 PERIODS = ("year", "quarter", "month")
 _SALT_SHARE = 101  # keeps client_share's draws apart from fedcl.data's
@@ -193,6 +194,24 @@ def by_label_groups(records: list[dict], groups: Sequence[Sequence[str]], *,
     named = [("+".join(group), part, tests[i] if tests is not None else None)
              for i, (group, part) in enumerate(zip(groups, parts))]
     return _assemble(named, test_fraction, seed)
+
+
+def by_file(records: list[dict], test_records: list[dict], paths: Sequence[str | Path]) -> list[Task]:
+    """One task per file of `data.task_files`, in order, from records `fedcl.data` tagged with it.
+
+    Used by a run (the records are the run's dataset, after its caps), where
+    `from_files` reads files directly; a task is named by its file's stem.
+    """
+    names = [Path(p).stem for p in paths]
+    names = [n if names.count(n) == 1 else f"{i + 1}-{n}" for i, n in enumerate(names)]
+    tasks = []
+    for index, name in enumerate(names):
+        train = [r for r in records if r.get("meta", {}).get(TASK_FILE_KEY) == index]
+        if not train:
+            raise StreamError(f"data.task_files: {paths[index]} has no training records left "
+                              "(after data.test_fraction and data.max_records)")
+        tasks.append(Task(name, train, [r for r in test_records if r.get("meta", {}).get(TASK_FILE_KEY) == index]))
+    return tasks
 
 
 def from_files(paths: Sequence[str | Path], cfg: DataConfig, *,

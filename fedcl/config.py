@@ -125,18 +125,38 @@ class DataConfig:
     # - task_column: a meta column holding each record's date; one task per period
     #   of it, oldest first (domain-incremental);
     # - task_groups: label groups, one task each, in order (class-incremental):
-    #   "Acne,Pain; Depression,Insomnia" (";" between tasks, "," between labels).
+    #   "Acne,Pain; Depression,Insomnia" (";" between tasks, "," between labels);
+    # - task_files: one JSONL/CSV file per task, in order, comma-separated (used
+    #   instead of path/dataset); task_test_files pairs one test file with each,
+    #   otherwise each file holds out test_fraction.
     task_column: str = ""
     task_period: TaskPeriod = "year"
     task_groups: str = ""
+    task_files: str = ""
+    task_test_files: str = ""
 
     def label_groups(self) -> list[list[str]]:
         return [[label.strip() for label in group.split(",") if label.strip()]
                 for group in self.task_groups.split(";") if group.strip()]
 
+    def task_file_list(self) -> list[str]:
+        return split_list(self.task_files)
+
+    def task_test_file_list(self) -> list[str]:
+        return split_list(self.task_test_files)
+
     def __post_init__(self) -> None:
-        _check(bool(self.dataset) or bool(self.path), "data.dataset", self.dataset,
+        _check(bool(self.dataset) or bool(self.path) or bool(self.task_files), "data.dataset", self.dataset,
                "a built-in dataset name, or data.path set to a JSONL/CSV file")
+        if self.task_files or self.task_test_files:
+            files, tests = self.task_file_list(), self.task_test_file_list()
+            _check(len(files) >= 2, "data.task_files", self.task_files,
+                   "at least two comma-separated JSONL/CSV files, one task each, oldest first")
+            _check(not tests or len(tests) == len(files), "data.task_test_files", self.task_test_files,
+                   f"empty, or one test file per task ({len(files)} files in data.task_files)")
+            for key, value in (("data.path", self.path), ("data.test_path", self.test_path),
+                               ("data.task_column", self.task_column), ("data.task_groups", self.task_groups)):
+                _check(not value, key, value, "empty when data.task_files is set (the files are the stream)")
         _check_choice("data.task", self.task, get_args(TaskKind))
         _check_choice("data.partition", self.partition, get_args(PartitionKind))
         _check(self.alpha > 0 and math.isfinite(self.alpha), "data.alpha", self.alpha, "a positive number")
@@ -461,7 +481,7 @@ class Config:
     @property
     def continual_on(self) -> bool:
         """Continual learning is on when the data name a task column."""
-        return bool(self.data.task_column or self.data.task_groups)
+        return bool(self.data.task_column or self.data.task_groups or self.data.task_files)
 
     # -- conversions -------------------------------------------------------
     def to_dict(self) -> dict[str, dict[str, Any]]:

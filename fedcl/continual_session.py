@@ -45,7 +45,7 @@ from continual.methods import Method, make_method
 from continual.replay import replay_count, replay_pool
 from continual.state import check_state
 from fedcl.atomic import write_bytes
-from continual.streams import StreamError, Task, by_label_groups, by_period, client_share
+from continual.streams import StreamError, Task, by_file, by_label_groups, by_period, client_share
 from fedcl.config import Config, ConfigError, avalanche_plugin
 
 logger = logging.getLogger("fedcl.continual")
@@ -86,7 +86,9 @@ def build_stream(data_cfg, seed: int) -> tuple[Task, ...]:
     from fedcl.session import dataset_for
 
     dataset = dataset_for(data_cfg, seed)
-    if data_cfg.task_groups:
+    if data_cfg.task_files:
+        stream = by_file(dataset.train, dataset.test, data_cfg.task_file_list())
+    elif data_cfg.task_groups:
         known = {r["label"] for r in dataset.train}
         unknown = [label for group in data_cfg.label_groups() for label in group if label not in known]
         if unknown:
@@ -97,6 +99,9 @@ def build_stream(data_cfg, seed: int) -> tuple[Task, ...]:
         stream = by_period(dataset.train, data_cfg.task_column, data_cfg.task_period,
                            test_records=dataset.test, seed=seed)
     empty = [task.name for task in stream if not task.test_records]
+    if empty and data_cfg.task_files:
+        raise StreamError(f"data.task_files: task(s) {', '.join(empty)} have no test records (after "
+                          "data.max_test_records); give data.task_test_files or a larger data.test_fraction")
     if empty:
         where = "data.task_groups" if data_cfg.task_groups else f"data.task_column = {data_cfg.task_column!r}"
         raise StreamError(f"{where}: task(s) {', '.join(empty)} have no "
@@ -351,7 +356,7 @@ def continual_section(config: Config, names: list[str], matrix: list[list[float]
     """metrics.json's ``continual`` section from the rows so far (figures None while undefined)."""
     section = {"strategy": config.continual.strategy, "rounds_per_task": config.continual.rounds_per_task,
                "task_column": config.data.task_column, "task_period": config.data.task_period,
-               "task_groups": config.data.task_groups,
+               "task_groups": config.data.task_groups, "task_files": config.data.task_file_list(),
                "tasks": list(names), "accuracy_matrix": [list(r) for r in matrix],
                "zero_shot": list(zero_shot) if zero_shot is not None else None,
                "average_accuracy": None, "bwt": None, "forgetting": None, "fwt": None,

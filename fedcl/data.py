@@ -292,6 +292,35 @@ def _user_files(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     return train, _read_records(cfg.test_path, cfg, allowed)
 
 
+# Records read from data.task_files carry their file's index here (in `meta`), which
+# `fedcl.continual_session.build_stream` cuts the stream by.
+TASK_FILE_KEY = "task-file"
+
+
+def _tagged(records: list[dict], index: int) -> list[dict]:
+    return [{**r, "meta": {**r.get("meta", {}), TASK_FILE_KEY: index}} for r in records]
+
+
+def _task_files(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
+    """All tasks' records, each tagged with its file's index; each file its own test split."""
+    files, tests = cfg.task_file_list(), cfg.task_test_file_list()
+    parts = [load_records(path, cfg) for path in files]
+    allowed = None
+    if cfg.task == "classification":
+        allowed = split_list(cfg.labels) or sorted({r["label"] for part in parts for r in part})
+    train, test = [], []
+    for index, (path, part) in enumerate(zip(files, parts)):
+        if not part:
+            raise DataError(f"data.task_files: {path} holds no records")
+        if tests:
+            kept, held = part, _read_records(tests[index], cfg, allowed)
+        else:  # stratified per file, so every task has test records of its own
+            kept, held = _holdout(part, cfg.test_fraction, _rng(seed, _SALT_TEST, index))
+        train += _tagged(kept, index)
+        test += _tagged(held, index)
+    return train, test
+
+
 def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     """The global train/test records: `cfg.path` (and `cfg.test_path`) or the built-in demo.
 
@@ -299,7 +328,10 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     `cfg.max_records` and `cfg.max_test_records` then cap each side. The same
     config and seed always give the same Dataset.
     """
-    if cfg.path:
+    if cfg.task_files:
+        train, test = _task_files(cfg, seed)
+        name, source = "+".join(Path(p).stem for p in cfg.task_file_list()), "data.task_files"
+    elif cfg.path:
         train, test = _user_files(cfg, seed)
         name, source = Path(cfg.path).stem, cfg.path
     else:

@@ -296,3 +296,54 @@ def test_bad_label_groups_are_refused_with_the_key():
     config = load_config(None, ["data.max_records=36", "data.task_groups=Acne; Pain; Depression; Nope"])
     with pytest.raises(StreamError, match="'Nope'"):
         build_stream(config.data, config.train.seed)
+
+
+@pytest.fixture(scope="module")
+def year_files(tmp_path_factory, three_years):
+    """The same reviews as one file per year (each file named by its year)."""
+    folder = tmp_path_factory.mktemp("years")
+    rows = [json.loads(line) for line in three_years.read_text(encoding="utf-8").splitlines()]
+    paths = []
+    for year in ("2015", "2016", "2017"):
+        path = folder / f"reviews-{year}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows if r["date"].endswith(year)), encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def test_task_files_make_the_stream_in_the_order_given(tmp_path, year_files):
+    base = [o for o in SMALL if not o.startswith(("data.task_column", "data.task_period"))] + [
+        f"run.out_dir={tmp_path / 'run'}", f"run.state_dir={tmp_path / 'state'}", "train.local_steps=1"]
+    order = [year_files[2], year_files[0], year_files[1]]
+    config = load_config(None, base + ["data.task_files=" + ",".join(map(str, order))])
+    assert config.continual_on
+    stream = build_stream(config.data, config.train.seed)
+    assert [t.name for t in stream] == ["reviews-2017", "reviews-2015", "reviews-2016"]
+    for task, path in zip(stream, order):  # each task holds its own file's records only
+        year = path.stem[-4:]
+        assert task.train_records and task.test_records
+        assert all(r["meta"]["date"].endswith(year) for r in task.train_records + task.test_records)
+    _, metrics = run_server(config)
+    section = check_section(metrics, config)
+    assert section["task_files"] == [str(p) for p in order]
+    # one test file per task: those records are the task's test split, none held out of training
+    tests = ",".join(map(str, order))
+    paired = load_config(None, base + ["data.task_files=" + ",".join(map(str, order)), f"data.task_test_files={tests}",
+                                       "data.max_records=0", "data.max_test_records=0"])
+    stream = build_stream(paired.data, paired.train.seed)
+    for task, path in zip(stream, order):
+        n = len(path.read_text(encoding="utf-8").splitlines())
+        assert len(task.train_records) == len(task.test_records) == n
+
+
+def test_bad_task_files_are_refused_by_name(tmp_path, year_files):
+    files = ",".join(map(str, year_files))
+    with pytest.raises(ConfigError, match="data.task_files.*at least two"):
+        load_config(None, [f"data.task_files={year_files[0]}"])
+    with pytest.raises(ConfigError, match="data.task_test_files.*one test file per task"):
+        load_config(None, [f"data.task_files={files}", f"data.task_test_files={year_files[0]}"])
+    with pytest.raises(ConfigError, match="data.task_column.*empty when data.task_files"):
+        load_config(None, [f"data.task_files={files}", "data.task_column=date"])
+    missing = load_config(None, [f"data.task_files={year_files[0]},{tmp_path / 'nope.jsonl'}"])
+    with pytest.raises(Exception, match="nope.jsonl"):
+        build_stream(missing.data, 0)
