@@ -352,7 +352,12 @@ def _utility_lines(name: str, block: dict, settings: dict, measured: str = "") -
     at_majority = (lambda r: r["accuracy"] <= r["majority_baseline"] + 0.01)
     if dp8:
         verdict = "met" if block["goal_met"] else "not met"
+        if block["goal_met"] and at_majority(fed) and at_majority(dp8):
+            verdict = "met, only vacuously"
         f1_verdict = "also at least" if block.get("f1_goal_met") else "below"
+        if max(fed["macro_f1"], dp8["macro_f1"]) <= majority_f1 + 0.01:
+            f1_verdict = "both at the majority class's score, so the ratio means nothing; formally"
+            f1_verdict += " at least" if block.get("f1_goal_met") else " below"
         lines += ["", f"Goal at epsilon {EPSILONS[-1]:g} (accuracy >= {100 * GOAL_FRACTION:.0f}% of the non-private "
                   f"federated run's): {100 * dp8['of_federated']:.1f}%, **{verdict}**. Its macro-F1 is "
                   f"{dp8['macro_f1']:.3f} against {fed['macro_f1']:.3f} without DP "
