@@ -23,8 +23,9 @@ in-process by `tests.inprocess.InProcessGrid` (no Ray), with its own
 naive, replay, EWC, replay+EWC (also with federated importance), Avalanche's
 LwF, and joint training on all tasks at once with the same total rounds, whose
 final adapter is evaluated on every task's test split. Under DP
-(``privacy.target_epsilon = 8``): naive, replay+EWC and joint (Avalanche
-strategies are refused under DP). The two streams run side by side, each in its
+(``privacy.target_epsilon = 8``): naive, replay+EWC and joint (these results
+were measured when Avalanche's strategies were refused under DP; its LwF now
+runs under DP-SGD but has not been measured here). The two streams run side by side, each in its
 own process with one torch thread (`--stream`). Writes bench/results/continual.json.
 
 `--profile pretrained` runs the same streams and methods with the pretrained
@@ -484,8 +485,8 @@ def render(result: dict) -> list[str]:
              f"{result['batch_size']} per round at lr {result['lr']:g}; replay keeps {result['replay_capacity']} "
              f"records per client, EWC strength {result['ewc_strength']:g} (not tuned). Joint trains the same "
              "federation on all tasks at once for the same total rounds; its final adapter is scored on each "
-             "task's test split. DP runs use epsilon 8, delta 1e-5 per client, sample-level; Avalanche "
-             "strategies are refused under DP by design, so only naive, replay+EWC and joint run with DP. "
+             "task's test split. DP runs use epsilon 8, delta 1e-5 per client, sample-level: naive, "
+             "replay+EWC and joint (Avalanche's LwF also runs under DP-SGD now, not measured here). "
              "Max epsilon is the most any client spent; continual runs calibrate the noise at a client's "
              "smallest task share, so most spend less than 8. "
              "Forgetting, BWT and FWT are in accuracy points (definitions in `continual/metrics.py`). "
