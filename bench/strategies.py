@@ -627,16 +627,16 @@ def render_lr_sweep(r: dict) -> list[str]:
     seed = min(s["seed"] for s in all_runs)  # the sweep's seed; extra seeds only repeat chosen settings
     first = all_runs[0]
     rounds = len(first["accuracy"])
-    lrs = sorted({lr for by_name in runs.values() for per_lr in by_name.values() for lr in per_lr}, key=float)
     names = sorted({n for by_name in runs.values() for n in by_name}, key=lambda n: STRATEGY_NAMES.index(n))
+    tried = {n: sorted({lr for by_name in runs.values() for lr in by_name.get(n, {})}, key=float) for n in names}
     walls = [s["wall_seconds"] for s in all_runs if "source" not in s] or [s["wall_seconds"] for s in all_runs]
     sources = sorted({s["source"] for s in all_runs if "source" in s})
     sessions = r.get("sessions", [])
     parallel = max((s["parallel"] for s in sessions), default=1)
     lines = [
         f"## Strategies: learning-rate sweep ({r['model']}, measured {r['when']})", "",
-        f"Settings: `{' '.join(r['settings'])}`, with `train.lr` in {', '.join(lrs)} for "
-        f"{', '.join(names)}; splits `data.partition=iid` and `data.partition=dirichlet` with `data.alpha=0.1`; "
+        f"Settings: `{' '.join(r['settings'])}`, with `train.lr` "
+        + "; ".join(f"{', '.join(tried[n])} for {n}" for n in names) + "; splits `data.partition=iid` and `data.partition=dirichlet` with `data.alpha=0.1`; "
         f"seed {seed}, and a second seed only where stated. No poisoning runs. Each federation ran in its own "
         f"process, {parallel} at a time with one torch thread each, through the real ServerApp, ClientApp and "
         f"strategies (InProcessGrid instead of Ray): {len(walls)} federations, {statistics.fmean(walls) / 60:.1f} "
@@ -698,8 +698,8 @@ def render_lr_sweep(r: dict) -> list[str]:
                      f"equal or less traffic | {measured} | {met} |")
     lines += ["", f"Each method's learning rate is the one with the best final accuracy of seed {seed} on the global "
               "test split, the same split the goal is judged on (there is no separate validation split), so the "
-              "best-lr figures are optimistic for every method alike; with one seed per setting, gaps of a point "
-              "or two can be noise.", ""]
+              "best-lr figures are optimistic for every method alike. Most settings ran one seed (a second where two "
+              "are shown; the goal then uses their mean), so gaps of a point or two can be noise.", ""]
     return lines
 
 
