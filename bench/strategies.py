@@ -26,6 +26,14 @@ plus the poisoning block; its federations run as subprocesses, two at a time
 with one torch thread each. The profile reaches worker processes through the
 FEDCL_BENCH_PROFILE environment variable, read at import.
 
+`--profile pretrained --lr-sweep 3e-3,1e-2,3e-2` (or `--runs fedavg:1e-2,ffa-lora:3e-2`
+for chosen pairs, in that order) runs each strategy at each learning rate on
+both splits with the profile's other settings and no poisoning, and writes
+strategies_lr_pretrained.json after every finished federation; `--seeds 1
+--append` adds repeats of chosen settings to it. Its rendering picks each
+method's best learning rate on the test split and compares the exact methods
+with FedAvg there.
+
 Writes bench/results/strategies.json (strategies_pretrained.json under the
 pretrained profile); run folders go to a temporary directory.
 """
@@ -43,7 +51,7 @@ import sys
 import tempfile
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +68,9 @@ from strategies.wire import decode_update
 from tests.inprocess import InProcessGrid, server_context
 
 RESULT = "strategies.json"
-EXTRA_RESULTS = ["strategies_pretrained.json"]
+# Learning-rate sweep of the pretrained profile (`--lr-sweep`); rendered by `render` like the others.
+LR_RESULT = "strategies_lr_pretrained.json"
+EXTRA_RESULTS = ["strategies_pretrained.json", LR_RESULT]
 RESULTS = Path(__file__).parent / "results"
 PROFILE = os.environ.get("FEDCL_BENCH_PROFILE", "tiny")
 
@@ -258,7 +268,24 @@ def main() -> None:
     parser.add_argument("--profile", choices=("tiny", "pretrained"), default="tiny")
     parser.add_argument("--parallel", type=int, default=None,
                         help=f"federations at a time, as subprocesses above 1 (default {DEFAULT_PARALLEL})")
+    parser.add_argument("--lr-sweep", default=None, metavar="LRS",
+                        help="comma-separated train.lr values: runs --strategies at each on --splits "
+                             f"(pretrained profile only, no poisoning), written to {LR_RESULT}")
+    parser.add_argument("--runs", default=None, metavar="NAME:LR,...",
+                        help="explicit strategy:lr pairs for the sweep, run in this order (instead of "
+                             "--lr-sweep x --strategies)")
+    parser.add_argument("--strategies", default="fedavg,ffa-lora", help="sweep strategies")
+    parser.add_argument("--splits", default=",".join(SPLITS), help="sweep splits")
+    parser.add_argument("--import-previous", action="store_true",
+                        help=f"add to {LR_RESULT} the runs of {EXTRA_RESULTS[0]} (same settings, its one lr), "
+                             "marked with their source, where the sweep has no run of the same seed")
+    parser.add_argument("--append", action="store_true",
+                        help=f"add the sweep's runs to the existing {LR_RESULT} (same settings), replacing "
+                             "runs of the same split, strategy, lr and seed")
     args = parser.parse_args()
+    sweep = bool(args.lr_sweep or args.runs or args.import_previous)
+    if sweep and args.profile != "pretrained":
+        parser.error("--lr-sweep and --runs need --profile pretrained")
     if args.profile != PROFILE:  # the module's settings are read at import: start again with it set
         os.environ["FEDCL_BENCH_PROFILE"] = args.profile
         os.execv(sys.executable, [sys.executable, "-m", "bench.strategies", *sys.argv[1:]])
@@ -267,6 +294,9 @@ def main() -> None:
     parallel = args.parallel or DEFAULT_PARALLEL
     base = SETTINGS + [f"federation.rounds={rounds}"] + (["train.local_steps=2"] if args.quick else [])
     logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower's per-round summaries would drown the table
+    if sweep:
+        lr_sweep(args, base, seeds, parallel)
+        return
     started = time.perf_counter()
     results = {"model": MODEL, "when": time.strftime("%Y-%m-%d %H:%M"), "settings": base, "seeds": seeds,
                "parallel": parallel, "poisoned_client": POISONED_CLIENT, "poison_scale": POISON_SCALE,
@@ -300,6 +330,91 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / (RESULT if PROFILE == "tiny" else EXTRA_RESULTS[0])).write_text(json.dumps(results, indent=2) + "\n")
     print("\n".join(render(results)))
+
+
+def _lr_key(lr: str) -> str:
+    return f"{float(lr):g}"
+
+
+def _sweep_specs(args, base: list[str], seeds: list[int]) -> list[dict]:
+    if args.runs:
+        pairs = [tuple(item.split(":")) for item in args.runs.split(",")]
+    else:
+        pairs = [(name, lr) for lr in args.lr_sweep.split(",") for name in args.strategies.split(",")]
+    splits = args.splits.split(",")
+    unknown = {n for n, _ in pairs} - set(STRATEGY_NAMES) | set(splits) - set(SPLITS)
+    if unknown:
+        raise SystemExit(f"unknown strategy or split: {', '.join(sorted(unknown))}")
+    return [{"split": split, "name": name, "seed": seed, "lr": _lr_key(lr), "poisoned": False, "record": False,
+             "overrides": base + SPLITS[split] + [f"strategy.name={name}", f"train.lr={lr}",
+                                                  f"train.seed={seed}"]}
+            for seed in seeds for name, lr in pairs for split in splits]
+
+
+def lr_sweep(args, base: list[str], seeds: list[int], parallel: int) -> None:
+    """Each (strategy, lr, split, seed) federation in a subprocess, `parallel` at a time.
+
+    The result file is rewritten after every finished federation, so an
+    interrupted sweep keeps what it measured; `--quick` writes to the temporary
+    directory instead of bench/results.
+    """
+    settings = [s for s in base if not s.startswith("train.lr=")]  # every run sets its own lr
+    path = (Path(tempfile.gettempdir()) / f"quick-{LR_RESULT}") if args.quick else RESULTS / LR_RESULT
+    if args.append and path.exists():
+        results = json.loads(path.read_text())
+        if results["settings"] != settings:
+            raise SystemExit(f"{path}: measured with {results['settings']}, not {settings}; not appending")
+    else:
+        results = {"kind": "lr-sweep", "model": MODEL, "when": time.strftime("%Y-%m-%d %H:%M"),
+                   "settings": settings, "runs": {}, "sessions": [], "failed": []}
+    if args.import_previous:
+        import_previous(results, RESULTS / EXTRA_RESULTS[0])
+    specs = _sweep_specs(args, base, seeds) if args.lr_sweep or args.runs else []
+    session = {"when": time.strftime("%Y-%m-%d %H:%M"), "parallel": parallel, "federations": 0,
+               "wall_seconds": 0.0}
+    if specs:
+        results["sessions"].append(session)
+        results["when"] = session["when"]
+    started = time.perf_counter()
+    path.parent.mkdir(exist_ok=True)
+    print(f"{len(specs)} federations, {parallel} at a time; writing {path}", flush=True)
+    with ThreadPoolExecutor(max_workers=max(parallel, 1)) as pool:
+        futures = {pool.submit(_launch, spec): spec for spec in specs}
+        for future in as_completed(futures):
+            spec, summary = futures[future], future.result()
+            if "error" in summary:
+                results["failed"].append({k: spec[k] for k in ("split", "name", "lr", "seed")})
+            else:
+                summary["seed"] = spec["seed"]
+                per_lr = results["runs"].setdefault(spec["split"], {}).setdefault(spec["name"], {})
+                per_lr[spec["lr"]] = [s for s in per_lr.get(spec["lr"], []) if s["seed"] != spec["seed"]] + [summary]
+                session["federations"] += 1
+                print(f"{spec['split']:9s} {spec['name']:9s} lr {spec['lr']:6s} seed {spec['seed']} | accuracy "
+                      f"{summary['accuracy'][-1]:.3f} | {summary['wall_seconds']:.0f} s", flush=True)
+            session["wall_seconds"] = time.perf_counter() - started
+            path.write_text(json.dumps(results, indent=2) + "\n")
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print("\n".join(render(results)))
+
+
+def import_previous(results: dict, source: Path) -> None:
+    """Copy the clean runs of the profile's main result (one lr) into the sweep, marked with their source.
+
+    A run of the same split, strategy, lr and seed already in the sweep is kept and the copy skipped.
+    """
+    previous = json.loads(source.read_text())
+    lr = next(s.split("=", 1)[1] for s in previous["settings"] if s.startswith("train.lr="))
+    settings = [s for s in previous["settings"] if not s.startswith("train.lr=")]
+    if settings != results["settings"]:
+        raise SystemExit(f"{source}: measured with {settings}, not {results['settings']}; not importing")
+    for split, by_name in previous["runs"].items():
+        for name, runs in by_name.items():
+            per_lr = results["runs"].setdefault(split, {}).setdefault(name, {})
+            have = {s["seed"] for s in per_lr.get(_lr_key(lr), [])}
+            for seed, summary in zip(previous["seeds"], runs):
+                if seed not in have:
+                    per_lr.setdefault(_lr_key(lr), []).append(
+                        {**summary, "seed": seed, "source": f"{source.name}, measured {previous['when']}"})
 
 
 # -- rendering -----------------------------------------------------------------
@@ -348,6 +463,8 @@ def _pretrained(r: dict) -> bool:
 
 
 def render(r: dict) -> list[str]:
+    if r.get("kind") == "lr-sweep":
+        return render_lr_sweep(r)
     # strategies with no finished run (a failed worker) are left out of the tables
     r = {**r, "runs": {split: {n: v for n, v in runs.items() if v} for split, runs in r["runs"].items()},
          "poisoned": {n: v for n, v in r["poisoned"].items() if v}}
@@ -468,6 +585,122 @@ def _goal_lines(r: dict) -> list[str]:
                         "aggregation error are measured exactly.", ""]
     return lines + ["", "With a model this weak the accuracy side of both goals is close to the noise; "
                     "the traffic and the aggregation error are measured exactly.", ""]
+
+
+def _traffic(runs: list[dict]) -> float:
+    return _per_round(runs, "bytes_up") + _per_round(runs, "bytes_down")
+
+
+def _lr_order(per_lr: dict[str, list[dict]]) -> list[str]:
+    return sorted(per_lr, key=float)
+
+
+def best_lr(per_lr: dict[str, list[dict]], seed: int) -> str | None:
+    """The lr with the highest final accuracy of `seed` (the sweep's seed); the lower lr on a tie."""
+    scored = [(next(s["accuracy"][-1] for s in per_lr[lr] if s["seed"] == seed), lr)
+              for lr in _lr_order(per_lr) if any(s["seed"] == seed for s in per_lr[lr])]
+    return max(scored, key=lambda x: x[0])[1] if scored else None  # max keeps the first (lowest lr) of ties
+
+
+def sweep_goal(runs: dict[str, dict[str, list[dict]]], seed: int) -> dict:
+    """Per method its best lr (on `seed`), mean final accuracy there over the seeds run, and traffic;
+    the exact methods that at least match FedAvg's accuracy at its best lr with no more traffic."""
+    best = {}
+    for name, per_lr in runs.items():
+        lr = best_lr(per_lr, seed)
+        if lr is not None:
+            at = per_lr[lr]
+            best[name] = {"lr": lr, "accuracy": statistics.fmean(_final(at)), "finals": _final(at),
+                          "seeds": [s["seed"] for s in at], "traffic": _traffic(at)}
+    ref = best.get("fedavg")
+    met = [] if ref is None else [n for n in EXACT if n in best and best[n]["accuracy"] >= ref["accuracy"]
+                                  and best[n]["traffic"] <= ref["traffic"]]
+    return {"best": best, "met": met}
+
+
+def render_lr_sweep(r: dict) -> list[str]:
+    runs = {split: {n: {lr: v for lr, v in per_lr.items() if v} for n, per_lr in r["runs"][split].items()}
+            for split in SPLITS if split in r["runs"]}  # completion order -> the splits' order
+    all_runs = [s for by_name in runs.values() for per_lr in by_name.values() for v in per_lr.values() for s in v]
+    if not all_runs:
+        return [f"## Strategies: learning-rate sweep ({r['model']}, measured {r['when']})", "", "No finished run.", ""]
+    seed = min(s["seed"] for s in all_runs)  # the sweep's seed; extra seeds only repeat chosen settings
+    first = all_runs[0]
+    rounds = len(first["accuracy"])
+    names = sorted({n for by_name in runs.values() for n in by_name}, key=lambda n: STRATEGY_NAMES.index(n))
+    tried = {n: sorted({lr for by_name in runs.values() for lr in by_name.get(n, {})}, key=float) for n in names}
+    walls = [s["wall_seconds"] for s in all_runs if "source" not in s] or [s["wall_seconds"] for s in all_runs]
+    sources = sorted({s["source"] for s in all_runs if "source" in s})
+    sessions = r.get("sessions", [])
+    parallel = max((s["parallel"] for s in sessions), default=1)
+    lines = [
+        f"## Strategies: learning-rate sweep ({r['model']}, measured {r['when']})", "",
+        f"Settings: `{' '.join(r['settings'])}`, with `train.lr` "
+        + "; ".join(f"{', '.join(tried[n])} for {n}" for n in names) + "; splits `data.partition=iid` and `data.partition=dirichlet` with `data.alpha=0.1`; "
+        f"seed {seed}, and a second seed only where stated. No poisoning runs. Each federation ran in its own "
+        f"process, {parallel} at a time with one torch thread each, through the real ServerApp, ClientApp and "
+        f"strategies (InProcessGrid instead of Ray): {len(walls)} federations, {statistics.fmean(walls) / 60:.1f} "
+        f"minutes each on average ({min(walls) / 60:.1f}-{max(walls) / 60:.1f}), "
+        f"{sum(s['wall_seconds'] for s in sessions) / 60:.0f} minutes in all. Accuracy is the global adapter's on the "
+        f"global test split (majority class {first['majority']:.3f}, {first['initial_accuracy']:.3f} before "
+        f"round 1), after each of the {rounds} rounds. The machine was shared with other benchmarks, so the "
+        "minutes are not comparable between runs.", "",
+        "FFA-LoRA freezes A at its initialisation and trains only B, so at FedAvg's learning rate its adapter moves "
+        "more slowly; this sweep gives every method its own learning rate before comparing them.", "",
+    ]
+    if sources:
+        lines += ["Rows marked * were not run by this sweep: they are copied from " + " and ".join(sources) +
+                  " (the strategy benchmark's pretrained profile, identical settings at its one lr), because "
+                  "this sweep did not re-run that setting.", ""]
+    # a failed or stopped federation whose setting has a run after all (a repeat, a copied run) is not missing
+    missing = [f for f in r.get("failed", []) if not any(
+        s["seed"] == f["seed"] for s in runs.get(f["split"], {}).get(f["name"], {}).get(f["lr"], []))]
+    if missing:
+        lines += ["Runs that failed or were stopped (left out): " + ", ".join(
+            f"{f['name']} lr {f['lr']} on {f['split']} (seed {f['seed']})" for f in missing) + ".", ""]
+    lines += ["| split | strategy | lr | final accuracy | accuracy after each round | bytes up / round "
+              "| bytes down / round | minutes |", "|---|---|---|---|---|---|---|---|"]
+    for split, by_name in runs.items():
+        for name in sorted(by_name, key=lambda n: STRATEGY_NAMES.index(n)):
+            for lr in _lr_order(by_name[name]):
+                per_seed = sorted(by_name[name][lr], key=lambda s: s["seed"])
+                finals = ", ".join(f"{s['accuracy'][-1]:.3f} (seed {s['seed']})" for s in per_seed) \
+                    if len(per_seed) > 1 else f"{per_seed[0]['accuracy'][-1]:.3f}"
+                curve = " / ".join(f"{a:.3f}" for a in next(s for s in per_seed if s["seed"] == seed)["accuracy"]) \
+                    if any(s["seed"] == seed for s in per_seed) else "-"
+                mark = "*" if any("source" in s for s in per_seed) else ""
+                lines.append(f"| {split} | {name} | {lr}{mark} | {finals} | {curve} | "
+                             f"{_per_round(per_seed, 'bytes_up') / 1e3:.1f} kB | "
+                             f"{_per_round(per_seed, 'bytes_down') / 1e3:.1f} kB | "
+                             f"{statistics.fmean(s['wall_seconds'] for s in per_seed) / 60:.1f} |")
+    lines += ["", f"Accuracy after each round is seed {seed}'s; bytes are the mean over rounds (FLoRA's download "
+              "grows every round, round 1 downloads less for every method).", ""]
+    lines += ["| goal (best lr of each method, chosen on the test split) | measured | met |", "|---|---|---|"]
+    for split, by_name in runs.items():
+        goal = sweep_goal(by_name, seed)
+        best = goal["best"]
+
+        def describe(name: str) -> str:
+            b = best[name]
+            acc = f"{b['accuracy']:.3f}" if len(b["finals"]) == 1 else \
+                f"{b['accuracy']:.3f} (mean of seeds {', '.join(map(str, b['seeds']))}: " \
+                f"{', '.join(f'{x:.3f}' for x in b['finals'])})"
+            return f"{name} lr {b['lr']}: {acc}, {b['traffic'] / 1e6:.2f} MB / round"
+        measured = "; ".join(describe(n) for n in names if n in best)
+        majority = next(s for v in by_name.values() for x in v.values() for s in x)["majority"]
+        if "fedavg" not in best or not any(n in best for n in EXACT):
+            met = "not measured"
+        elif goal["met"] and best["fedavg"]["accuracy"] <= majority + 1e-9:
+            met = f"only vacuously ({', '.join(goal['met'])}): FedAvg did not beat the majority class {majority:.3f}"
+        else:
+            met = "yes (" + ", ".join(goal["met"]) + ")" if goal["met"] else "no"
+        lines.append(f"| {split}: an exact method at its best lr at least matches FedAvg at its best lr with "
+                     f"equal or less traffic | {measured} | {met} |")
+    lines += ["", f"Each method's learning rate is the one with the best final accuracy of seed {seed} on the global "
+              "test split, the same split the goal is judged on (there is no separate validation split), so the "
+              "best-lr figures are optimistic for every method alike. Most settings ran one seed (a second where two "
+              "are shown; the goal then uses their mean), so gaps of a point or two can be noise.", ""]
+    return lines
 
 
 if __name__ == "__main__":
