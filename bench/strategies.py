@@ -70,7 +70,9 @@ from tests.inprocess import InProcessGrid, server_context
 RESULT = "strategies.json"
 # Learning-rate sweep of the pretrained profile (`--lr-sweep`); rendered by `render` like the others.
 LR_RESULT = "strategies_lr_pretrained.json"
-EXTRA_RESULTS = ["strategies_pretrained.json", LR_RESULT]
+# The same sweep's best lr per method over 10 rounds (`--rounds 10 --result ...`).
+LONG_RESULT = "strategies_lr10_pretrained.json"
+EXTRA_RESULTS = ["strategies_pretrained.json", LR_RESULT, LONG_RESULT]
 RESULTS = Path(__file__).parent / "results"
 PROFILE = os.environ.get("FEDCL_BENCH_PROFILE", "tiny")
 
@@ -279,6 +281,7 @@ def main() -> None:
     parser.add_argument("--import-previous", action="store_true",
                         help=f"add to {LR_RESULT} the runs of {EXTRA_RESULTS[0]} (same settings, its one lr), "
                              "marked with their source, where the sweep has no run of the same seed")
+    parser.add_argument("--result", default=LR_RESULT, help=f"the sweep's result file (default {LR_RESULT})")
     parser.add_argument("--append", action="store_true",
                         help=f"add the sweep's runs to the existing {LR_RESULT} (same settings), replacing "
                              "runs of the same split, strategy, lr and seed")
@@ -359,7 +362,7 @@ def lr_sweep(args, base: list[str], seeds: list[int], parallel: int) -> None:
     directory instead of bench/results.
     """
     settings = [s for s in base if not s.startswith("train.lr=")]  # every run sets its own lr
-    path = (Path(tempfile.gettempdir()) / f"quick-{LR_RESULT}") if args.quick else RESULTS / LR_RESULT
+    path = (Path(tempfile.gettempdir()) / f"quick-{args.result}") if args.quick else RESULTS / args.result
     if args.append and path.exists():
         results = json.loads(path.read_text())
         if results["settings"] != settings:
@@ -634,9 +637,12 @@ def render_lr_sweep(r: dict) -> list[str]:
     sessions = r.get("sessions", [])
     parallel = max((s["parallel"] for s in sessions), default=1)
     lines = [
-        f"## Strategies: learning-rate sweep ({r['model']}, measured {r['when']})", "",
+        f"## Strategies: learning-rate sweep, {rounds} rounds ({r['model']}, measured {r['when']})", "",
         f"Settings: `{' '.join(r['settings'])}`, with `train.lr` "
-        + "; ".join(f"{', '.join(tried[n])} for {n}" for n in names) + "; splits `data.partition=iid` and `data.partition=dirichlet` with `data.alpha=0.1`; "
+        + "; ".join(f"{', '.join(tried[n])} for {n}" for n in names) + "; "
+        + " and ".join({"iid": "split `data.partition=iid`",
+                        "dirichlet": "split `data.partition=dirichlet` with `data.alpha=0.1`"}[sp] for sp in runs)
+        + "; "
         f"seed {seed}, and a second seed only where stated. No poisoning runs. Each federation ran in its own "
         f"process, {parallel} at a time with one torch thread each, through the real ServerApp, ClientApp and "
         f"strategies (InProcessGrid instead of Ray): {len(walls)} federations, {statistics.fmean(walls) / 60:.1f} "
