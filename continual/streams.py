@@ -6,8 +6,8 @@ holds records in `fedcl.data`'s format. Builders:
 - `by_period(records, column, period)`: domain-incremental by time, one task per
   year, quarter or month of the date in ``record["meta"][column]``, in time order.
 - `by_label_groups(records, groups)`: class-incremental, one task per group of labels.
-- `from_files(paths, cfg)`: one task per data file, in the order given;
-  `by_file` cuts a run's dataset the same way (``data.task_files``).
+- `from_files(paths, cfg)`: one task per data file, in the order given
+  (`by_file` cuts a run's dataset of ``data.task_files`` the same way).
 
 Without separate test records, each task holds out `test_fraction` of its own
 records (stratified by label, seeded). `client_share` gives one client its part
@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from fedcl.config import DataConfig
-from fedcl.data import TASK_FILE_KEY, DataError, load_records, split_holdout
+from fedcl.data import TASK_FILE_KEY, DataError, split_holdout, task_file_records
 
 PERIODS = ("year", "quarter", "month")
 _SALT_SHARE = 101  # keeps client_share's draws apart from fedcl.data's
@@ -197,10 +197,10 @@ def by_label_groups(records: list[dict], groups: Sequence[Sequence[str]], *,
 
 
 def by_file(records: list[dict], test_records: list[dict], paths: Sequence[str | Path]) -> list[Task]:
-    """One task per file of `data.task_files`, in order, from records `fedcl.data` tagged with it.
+    """One task per file, in order, from records `fedcl.data.task_file_records` tagged with it.
 
-    Used by a run (the records are the run's dataset, after its caps), where
-    `from_files` reads files directly; a task is named by its file's stem.
+    A run's dataset (``data.task_files``) is cut this way after its caps; a task
+    is named by its file's stem (numbered when two stems are the same).
     """
     names = [Path(p).stem for p in paths]
     names = [n if names.count(n) == 1 else f"{i + 1}-{n}" for i, n in enumerate(names)]
@@ -208,15 +208,15 @@ def by_file(records: list[dict], test_records: list[dict], paths: Sequence[str |
     for index, name in enumerate(names):
         train = [r for r in records if r.get("meta", {}).get(TASK_FILE_KEY) == index]
         if not train:
-            raise StreamError(f"data.task_files: {paths[index]} has no training records left "
-                              "(after data.test_fraction and data.max_records)")
+            raise StreamError(f"{paths[index]}: no training records left "
+                              "(after the test split and data.max_records)")
         tasks.append(Task(name, train, [r for r in test_records if r.get("meta", {}).get(TASK_FILE_KEY) == index]))
     return tasks
 
 
 def from_files(paths: Sequence[str | Path], cfg: DataConfig, *,
                test_paths: Sequence[str | Path] | None = None, seed: int = 0) -> list[Task]:
-    """One task per file, in order, read with `fedcl.data.load_records` (named by the file stem).
+    """One task per file, in order, read with `fedcl.data` (named by the file stem).
 
     `test_paths`, when given, pairs one test file with each task; otherwise each
     task holds out `cfg.test_fraction` of its file.
@@ -226,11 +226,8 @@ def from_files(paths: Sequence[str | Path], cfg: DataConfig, *,
     if test_paths is not None and len(test_paths) != len(paths):
         raise StreamError(f"from_files: {len(paths)} training files but {len(test_paths)} test files; "
                           "give one test file per task or none")
-    named = []
-    for i, path in enumerate(paths):
-        test = load_records(test_paths[i], cfg) if test_paths is not None else None
-        named.append((Path(path).stem, load_records(path, cfg), test))
-    return _assemble(named, cfg.test_fraction, seed)
+    train, test = task_file_records(paths, cfg, seed, test_paths or ())
+    return by_file(train, test, paths)
 
 
 # -- clients -----------------------------------------------------------------------

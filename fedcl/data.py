@@ -23,7 +23,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -285,15 +285,18 @@ def _user_files(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     train = load_records(cfg.path, cfg)
     if not cfg.test_path:
         return _holdout(train, cfg.test_fraction, _rng(seed, _SALT_TEST))
-    # Test labels must be ones the model trains on: the train file's, unless data.labels says.
-    allowed = None
-    if cfg.task == "classification":
-        allowed = split_list(cfg.labels) or sorted({r["label"] for r in train})
-    return train, _read_records(cfg.test_path, cfg, allowed)
+    return train, _read_records(cfg.test_path, cfg, _test_labels(cfg, train))
 
 
-# Records read from data.task_files carry their file's index here (in `meta`), which
-# `fedcl.continual_session.build_stream` cuts the stream by.
+def _test_labels(cfg: DataConfig, train: list[dict]) -> list[str] | None:
+    """Labels a test file may hold: ones the model trains on (the training records', unless data.labels says)."""
+    if cfg.task != "classification":
+        return None
+    return split_list(cfg.labels) or sorted({r["label"] for r in train})
+
+
+# Records read from task files carry their file's index here (in `meta`), which
+# `continual.streams.by_file` cuts the stream by.
 TASK_FILE_KEY = "task-file"
 
 
@@ -301,20 +304,23 @@ def _tagged(records: list[dict], index: int) -> list[dict]:
     return [{**r, "meta": {**r.get("meta", {}), TASK_FILE_KEY: index}} for r in records]
 
 
-def _task_files(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
-    """All tasks' records, each tagged with its file's index; each file its own test split."""
-    files, tests = cfg.task_file_list(), cfg.task_test_file_list()
-    parts = [load_records(path, cfg) for path in files]
-    allowed = None
-    if cfg.task == "classification":
-        allowed = split_list(cfg.labels) or sorted({r["label"] for part in parts for r in part})
+def task_file_records(paths: Sequence[str | Path], cfg: DataConfig, seed: int = 0,
+                      test_paths: Sequence[str | Path] = ()) -> tuple[list[dict], list[dict]]:
+    """(train, test) of one task per file, each record tagged with its file's index.
+
+    `test_paths`, when given, pairs one test file with each task; otherwise each
+    file holds out `cfg.test_fraction` (stratified), so every task has test
+    records of its own.
+    """
+    parts = [load_records(path, cfg) for path in paths]
+    allowed = _test_labels(cfg, [r for part in parts for r in part])
     train, test = [], []
-    for index, (path, part) in enumerate(zip(files, parts)):
+    for index, (path, part) in enumerate(zip(paths, parts)):
         if not part:
-            raise DataError(f"data.task_files: {path} holds no records")
-        if tests:
-            kept, held = part, _read_records(tests[index], cfg, allowed)
-        else:  # stratified per file, so every task has test records of its own
+            raise DataError(f"{path}: no records (a task file needs at least one)")
+        if test_paths:
+            kept, held = part, _read_records(test_paths[index], cfg, allowed)
+        else:
             kept, held = _holdout(part, cfg.test_fraction, _rng(seed, _SALT_TEST, index))
         train += _tagged(kept, index)
         test += _tagged(held, index)
@@ -329,7 +335,7 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     config and seed always give the same Dataset.
     """
     if cfg.task_files:
-        train, test = _task_files(cfg, seed)
+        train, test = task_file_records(cfg.task_file_list(), cfg, seed, cfg.task_test_file_list())
         name, source = "+".join(Path(p).stem for p in cfg.task_file_list()), "data.task_files"
     elif cfg.path:
         train, test = _user_files(cfg, seed)
