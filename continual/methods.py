@@ -9,6 +9,10 @@ A training loop drives a method through these hooks (each a no-op by default):
 - ``add_penalty_gradient(model)``: the same term's gradient added to ``p.grad`` after the
   DP optimizer's noise (DP training, where an extra loss term would be dropped).
 - ``train_round``: set only by a method with its own loop (Avalanche's), see below.
+- ``dp_batch_loss(model, task, batch)``, ``after_task_private(model, task)``: set only by
+  a method that brings its own loss term into DP-SGD and closes a task without reading
+  records (Avalanche's LwF); DP training then uses them in place of the task's loss and
+  of ``after_task``.
 - ``after_task(model, task, records, fisher=None)``: the task is over; `task` is the
   `fedcl.tasks` task (encode + per_example_loss), `fisher` an importance computed
   elsewhere (from DP-released gradients, or the server's aggregate) to use instead
@@ -56,6 +60,9 @@ class Method:
     # ``train_round(model, task, records, train_cfg, model_cfg, *, seed, extra_loss, progress)``
     # returning a `fedcl.train.TrainResult`; the others train in `fedcl.train.train_local`.
     train_round = None
+    # Under DP-SGD (see the module docstring); None: the task's own loss, and `after_task`.
+    dp_batch_loss = None
+    after_task_private = None
 
     def after_task(self, model: torch.nn.Module, task, records: Sequence[dict], *,
                    fisher: dict[str, torch.Tensor] | None = None) -> None:

@@ -174,9 +174,8 @@ class NodeContinual:
                             self.session.client_id, j)
             if fisher is None:
                 fisher = self._released_fisher(j, model) if dp else None
-            private_end = getattr(self.method, "after_task_private", None)
-            if dp and private_end is not None:  # Avalanche's LwF: its task end reads no records
-                private_end(model, self.session.shared.task)
+            if dp and self.method.after_task_private is not None:  # its task end reads no records
+                self.method.after_task_private(model, self.session.shared.task)
             else:
                 self.method.after_task(model, self.session.shared.task, self.records(j), fisher=fisher)
             self.closed += 1
@@ -279,7 +278,7 @@ class NodeContinual:
         acc = GradSquareAccumulator()
         acc.sums, acc.count = sums, count
         model, task_kind = self.session.model, self.session.shared.task
-        own_loss = getattr(self.method, "dp_batch_loss", None)  # Avalanche's LwF: CE + distillation
+        own_loss = self.method.dp_batch_loss  # e.g. Avalanche's LwF: cross-entropy + distillation
         result = train_private(model, task_kind, pool_records, self.config.train,
                                self.config.model, dp_plan, progress=progress,
                                after_noise=(lambda: acc.add(model),
