@@ -32,7 +32,10 @@ both splits with the profile's other settings and no poisoning, and writes
 strategies_lr_pretrained.json after every finished federation; `--seeds 1
 --append` adds repeats of chosen settings to it. Its rendering picks each
 method's best learning rate on the test split and compares the exact methods
-with FedAvg there.
+with FedAvg there. A run may set more than its lr (`--runs
+ffa-lora:1e-2:lora.r=16+lora.alpha=32`); it is then shown as its own method,
+named with those settings. `--merge FILE` adds a sweep run side by side (its
+own `--result FILE`, same settings) to `--result`.
 
 Writes bench/results/strategies.json (strategies_pretrained.json under the
 pretrained profile); run folders go to a temporary directory.
@@ -217,7 +220,7 @@ def aggregation_errors(overrides: list[str], out: Path, recorder: ReplyRecorder)
 
 def run_spec(spec: dict, tmp: Path) -> dict:
     """One federation of the benchmark: its summary, and for clean FedAvg its aggregation errors."""
-    out = tmp / f"{spec['split']}-{spec['name']}-{spec['seed']}" if not spec["poisoned"] else \
+    out = tmp / f"{spec['split']}-{spec['name'].replace(' ', '_')}-{spec['seed']}" if not spec["poisoned"] else \
         tmp / f"poisoned-{spec['name']}-{spec['seed']}"
     recorder = ReplyRecorder() if spec["record"] else None
     summary = summarise(run_federation(spec["overrides"], out, poison if spec["poisoned"] else recorder))
@@ -273,19 +276,26 @@ def main() -> None:
     parser.add_argument("--lr-sweep", default=None, metavar="LRS",
                         help="comma-separated train.lr values: runs --strategies at each on --splits "
                              f"(pretrained profile only, no poisoning), written to {LR_RESULT}")
-    parser.add_argument("--runs", default=None, metavar="NAME:LR,...",
+    parser.add_argument("--runs", default=None, metavar="NAME:LR[:KEY=VALUE+...],...",
                         help="explicit strategy:lr pairs for the sweep, run in this order (instead of "
-                             "--lr-sweep x --strategies)")
+                             "--lr-sweep x --strategies); a third part sets other settings of that run, "
+                             "e.g. ffa-lora:3e-2:lora.r=16+lora.alpha=32, shown as its own method")
     parser.add_argument("--strategies", default="fedavg,ffa-lora", help="sweep strategies")
     parser.add_argument("--splits", default=",".join(SPLITS), help="sweep splits")
     parser.add_argument("--import-previous", action="store_true",
                         help=f"add to {LR_RESULT} the runs of {EXTRA_RESULTS[0]} (same settings, its one lr), "
                              "marked with their source, where the sweep has no run of the same seed")
     parser.add_argument("--result", default=LR_RESULT, help=f"the sweep's result file (default {LR_RESULT})")
+    parser.add_argument("--merge", default=None, metavar="FILE",
+                        help="add the runs of another sweep file in bench/results (same settings, e.g. one "
+                             "run side by side with --result FILE) to --result, then delete FILE")
     parser.add_argument("--append", action="store_true",
                         help=f"add the sweep's runs to the existing {LR_RESULT} (same settings), replacing "
                              "runs of the same split, strategy, lr and seed")
     args = parser.parse_args()
+    if args.merge:
+        merge_sweeps(RESULTS / args.result, RESULTS / args.merge)
+        return
     sweep = bool(args.lr_sweep or args.runs or args.import_previous)
     if sweep and args.profile != "pretrained":
         parser.error("--lr-sweep and --runs need --profile pretrained")
@@ -339,19 +349,43 @@ def _lr_key(lr: str) -> str:
     return f"{float(lr):g}"
 
 
+def method_label(name: str, extra: list[str]) -> str:
+    """How a run with settings beyond the profile's is named in the results: "ffa-lora lora.r=16 ..."."""
+    return " ".join([name, *extra])
+
+
+def _strategy(label: str) -> str:
+    return label.split(" ", 1)[0]
+
+
+def _method_order(label: str) -> tuple[int, str]:
+    return STRATEGY_NAMES.index(_strategy(label)), label
+
+
 def _sweep_specs(args, base: list[str], seeds: list[int]) -> list[dict]:
     if args.runs:
-        pairs = [tuple(item.split(":")) for item in args.runs.split(",")]
+        triples = []
+        for item in args.runs.split(","):
+            name, lr, *rest = item.split(":")
+            if len(rest) > 1:
+                raise SystemExit(f"--runs: {item!r} is not NAME:LR or NAME:LR:KEY=VALUE+...")
+            extra = rest[0].split("+") if rest else []
+            if any("=" not in kv or kv.startswith(("strategy.name=", "train.lr=", "train.seed=")) for kv in extra):
+                raise SystemExit(f"--runs: {item!r}: extra settings are KEY=VALUE, other than the strategy, "
+                                 "lr and seed")
+            triples.append((name, lr, extra))
     else:
-        pairs = [(name, lr) for lr in args.lr_sweep.split(",") for name in args.strategies.split(",")]
+        triples = [(name, lr, []) for lr in args.lr_sweep.split(",") for name in args.strategies.split(",")]
     splits = args.splits.split(",")
-    unknown = {n for n, _ in pairs} - set(STRATEGY_NAMES) | set(splits) - set(SPLITS)
+    unknown = {n for n, _, _ in triples} - set(STRATEGY_NAMES) | set(splits) - set(SPLITS)
     if unknown:
         raise SystemExit(f"unknown strategy or split: {', '.join(sorted(unknown))}")
-    return [{"split": split, "name": name, "seed": seed, "lr": _lr_key(lr), "poisoned": False, "record": False,
-             "overrides": base + SPLITS[split] + [f"strategy.name={name}", f"train.lr={lr}",
-                                                  f"train.seed={seed}"]}
-            for seed in seeds for name, lr in pairs for split in splits]
+    for name, lr, extra in triples:  # a bad setting fails here, not in a worker minutes later
+        load_config(None, base + [f"strategy.name={name}", f"train.lr={lr}", *extra])
+    return [{"split": split, "name": method_label(name, extra), "seed": seed, "lr": _lr_key(lr), "poisoned": False,
+             "record": False, "overrides": base + SPLITS[split] + [f"strategy.name={name}", f"train.lr={lr}",
+                                                                  f"train.seed={seed}", *extra]}
+            for seed in seeds for name, lr, extra in triples for split in splits]
 
 
 def lr_sweep(args, base: list[str], seeds: list[int], parallel: int) -> None:
@@ -398,6 +432,26 @@ def lr_sweep(args, base: list[str], seeds: list[int], parallel: int) -> None:
             path.write_text(json.dumps(results, indent=2) + "\n")
     path.write_text(json.dumps(results, indent=2) + "\n")
     print("\n".join(render(results)))
+
+
+def merge_sweeps(target: Path, source: Path) -> None:
+    """Add `source`'s runs to `target` (a run of the same split, method, lr and seed is replaced), its
+    sessions and failures too, and delete `source`: two sweeps run side by side become one result."""
+    into, extra = (json.loads(p.read_text()) for p in (target, source))
+    if into["settings"] != extra["settings"]:
+        raise SystemExit(f"{source}: measured with {extra['settings']}, not {into['settings']}; not merging")
+    for split, by_name in extra["runs"].items():
+        for name, per_lr in by_name.items():
+            for lr, summaries in per_lr.items():
+                mine = into["runs"].setdefault(split, {}).setdefault(name, {}).setdefault(lr, [])
+                seeds = {s["seed"] for s in summaries}
+                mine[:] = [s for s in mine if s["seed"] not in seeds] + summaries
+    into["sessions"] += extra["sessions"]
+    into["failed"] += extra["failed"]
+    into["when"] = max(into["when"], extra["when"])
+    target.write_text(json.dumps(into, indent=2) + "\n")
+    source.unlink()
+    print(f"merged {source.name} into {target.name}")
 
 
 def import_previous(results: dict, source: Path) -> None:
@@ -616,8 +670,8 @@ def sweep_goal(runs: dict[str, dict[str, list[dict]]], seed: int) -> dict:
             best[name] = {"lr": lr, "accuracy": statistics.fmean(_final(at)), "finals": _final(at),
                           "seeds": [s["seed"] for s in at], "traffic": _traffic(at)}
     ref = best.get("fedavg")
-    met = [] if ref is None else [n for n in EXACT if n in best and best[n]["accuracy"] >= ref["accuracy"]
-                                  and best[n]["traffic"] <= ref["traffic"]]
+    met = [] if ref is None else [n for n in sorted(best, key=_method_order) if _strategy(n) in EXACT
+                                  and best[n]["accuracy"] >= ref["accuracy"] and best[n]["traffic"] <= ref["traffic"]]
     return {"best": best, "met": met}
 
 
@@ -630,7 +684,7 @@ def render_lr_sweep(r: dict) -> list[str]:
     seed = min(s["seed"] for s in all_runs)  # the sweep's seed; extra seeds only repeat chosen settings
     first = all_runs[0]
     rounds = len(first["accuracy"])
-    names = sorted({n for by_name in runs.values() for n in by_name}, key=lambda n: STRATEGY_NAMES.index(n))
+    names = sorted({n for by_name in runs.values() for n in by_name}, key=_method_order)
     tried = {n: sorted({lr for by_name in runs.values() for lr in by_name.get(n, {})}, key=float) for n in names}
     walls = [s["wall_seconds"] for s in all_runs if "source" not in s] or [s["wall_seconds"] for s in all_runs]
     sources = sorted({s["source"] for s in all_runs if "source" in s})
@@ -667,7 +721,7 @@ def render_lr_sweep(r: dict) -> list[str]:
     lines += ["| split | strategy | lr | final accuracy | accuracy after each round | bytes up / round "
               "| bytes down / round | minutes |", "|---|---|---|---|---|---|---|---|"]
     for split, by_name in runs.items():
-        for name in sorted(by_name, key=lambda n: STRATEGY_NAMES.index(n)):
+        for name in sorted(by_name, key=_method_order):
             for lr in _lr_order(by_name[name]):
                 per_seed = sorted(by_name[name][lr], key=lambda s: s["seed"])
                 finals = ", ".join(f"{s['accuracy'][-1]:.3f} (seed {s['seed']})" for s in per_seed) \
@@ -694,7 +748,7 @@ def render_lr_sweep(r: dict) -> list[str]:
             return f"{name} lr {b['lr']}: {acc}, {b['traffic'] / 1e6:.2f} MB / round"
         measured = "; ".join(describe(n) for n in names if n in best)
         majority = next(s for v in by_name.values() for x in v.values() for s in x)["majority"]
-        if "fedavg" not in best or not any(n in best for n in EXACT):
+        if "fedavg" not in best or not any(_strategy(n) in EXACT for n in best):
             met = "not measured"
         elif goal["met"] and best["fedavg"]["accuracy"] <= majority + 1e-9:
             met = f"only vacuously ({', '.join(goal['met'])}): FedAvg did not beat the majority class {majority:.3f}"
