@@ -122,6 +122,10 @@ DP_METHODS = ("naive", "replay+ewc")
 # shared setting and about all of a client's earlier drug-stream records (26 + 20 by task 3):
 # close to full rehearsal, so it tells whether the goal is in reach of replay at all.
 VARIANT = ("replay+ewc, larger buffer (48 records)", ["continual.replay_capacity=48", "continual.ewc_strength=1000"])
+if PROFILE == "pretrained-long":
+    # Its replay+EWC run already keeps 48 records; at EWC strength 1000 it kept the first two tasks
+    # but never learned the third (0.0), so the variant lowers the strength tenfold.
+    VARIANT = ("replay+ewc, EWC strength 100", ["continual.replay_capacity=48", "continual.ewc_strength=100"])
 # Streams cut to the goal's three runs (naive, replay+EWC, joint), and why. Under the pretrained
 # profile a run took 3-12 minutes on two shared cores, so the hour holds the drug stream's
 # runs (plain in one process, DP in the other) and only the goal's runs of the headline stream,
@@ -136,8 +140,10 @@ if PROFILE == "pretrained":
                              "two shared cores (3-12 minutes a run), the drug stream's DP runs first"}
     LANES = [[("drugs", "plain")], [("headlines", "all"), ("drugs", "dp")]]
 if PROFILE == "pretrained-long":
-    LEFT_OUT = {"drugs": "Only the goal's runs (naive, replay+EWC, joint) ran, without DP: the longer local "
-                         "training of this profile costs about three times the steps"}
+    LEFT_OUT = {"drugs": "Only the goal's runs (naive, replay+EWC, joint) were planned, without DP: the longer "
+                         "local training of this profile costs about three times the steps; replay alone "
+                         "(`--part replay`, merged with `--merge`) and one replay+EWC variant (`--variant`) "
+                         "were added after them"}
     # one process per lane, a lane being one or more runs (a part named by its method)
     LANES = [[("drugs", "naive"), ("drugs", "joint")], [("drugs", "replay+ewc")]]
 
@@ -502,16 +508,19 @@ def render(result: dict) -> list[str]:
                        f"{min(sizes)}-{max(sizes)} records per task, so one record moves a task's accuracy by "
                        f"{100 / max(sizes):.1f}-{100 / min(sizes):.1f} points. Small forgetting figures are within "
                        "that noise.")
-    lines = [f"## Continual learning ({result['model']}, measured {result['when']})", "",
+    has_dp = any(r["dp"] for s in result["streams"] for r in s["runs"])
+    dp_text = ("DP runs use epsilon 8, delta 1e-5 per client, sample-level: naive, replay+EWC and joint (Avalanche's "
+               "LwF also runs under DP-SGD now, not measured here). Max epsilon is the most any client spent; "
+               "continual runs calibrate the noise at a client's smallest task share, so most spend less than 8. "
+               if has_dp else "No DP runs. ")
+    longer = ", longer local training" if result.get("profile") == "pretrained-long" else ""
+    lines = [f"## Continual learning{longer} ({result['model']}, measured {result['when']})", "",
              f"Streams of three tasks, {result['clients']} clients holding IID shares of every task, "
              f"{result['rounds_per_task']} rounds per task, {result['local_steps']} local steps of batch "
              f"{result['batch_size']} per round at lr {result['lr']:g}; replay keeps {result['replay_capacity']} "
              f"records per client, EWC strength {result['ewc_strength']:g} (not tuned). Joint trains the same "
              "federation on all tasks at once for the same total rounds; its final adapter is scored on each "
-             "task's test split. DP runs use epsilon 8, delta 1e-5 per client, sample-level: naive, "
-             "replay+EWC and joint (Avalanche's LwF also runs under DP-SGD now, not measured here). "
-             "Max epsilon is the most any client spent; continual runs calibrate the noise at a client's "
-             "smallest task share, so most spend less than 8. "
+             "task's test split. " + dp_text +
              "Forgetting, BWT and FWT are in accuracy points (definitions in `continual/metrics.py`). "
              "Each run is a real federation (ServerApp, ClientApp, strategy) driven in-process by "
              "`tests/inprocess.py`'s grid, without Ray, with its own run and state folders in a temporary "
@@ -546,7 +555,7 @@ def plan(key: str, quick: bool, part: str = "all") -> list[tuple[str, bool]]:
         runs += [(m, True) for m in DP_METHODS] + [("joint", True)]
     if part in ("all", "plain", "dp"):
         return [(m, dp) for m, dp in runs if part == "all" or dp == (part == "dp")]
-    return [(m, dp) for m, dp in runs if m == part]
+    return [(part, False)]  # one method without DP, planned or not (merged in with --merge)
 
 
 def _write(path: Path, data: dict) -> None:
@@ -654,7 +663,7 @@ def main() -> None:
                         help="default tiny, or the FEDCL_BENCH_PROFILE the stream processes inherit")
     parser.add_argument("--stream", choices=list(STREAMS), help="run one stream, write its result to --out")
     parser.add_argument("--out", type=Path, help="with --stream: where to write the stream's result")
-    parser.add_argument("--part", choices=("all", "plain", "dp", *GOAL_RUNS), default="all",
+    parser.add_argument("--part", choices=("all", "plain", "dp", *METHODS, "joint"), default="all",
                         help="with --stream: only its runs without (plain) or with (dp) DP, or of one method")
     parser.add_argument("--merge", type=Path, nargs="*",
                         help="add these --stream result files to the result file, re-state plans, and stop")
