@@ -66,10 +66,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 RESULT = "continual.json"
-EXTRA_RESULTS = ["continual_pretrained.json", "continual_pretrained_long.json"]
 PROFILES = ("tiny", "pretrained", "pretrained-long")
 PROFILE = os.environ.get("FEDCL_BENCH_PROFILE", "tiny")
+# `--seed N` (train.seed, which deals the records to clients and orders the batches; the stream's
+# files and test splits stay the same) reaches the stream processes like the profile, and a
+# seed other than 0 writes its own result file, rendered as its own section.
+SEED = int(os.environ.get("FEDCL_BENCH_SEED", "0"))
+EXTRA_RESULTS = ["continual_pretrained.json", "continual_pretrained_long.json",
+                 "continual_pretrained_long_seed1.json"]
 RESULT_OF_PROFILE = dict(zip(PROFILES, [RESULT, *EXTRA_RESULTS]))
+if SEED:
+    RESULT_OF_PROFILE = {k: v.replace(".json", f"_seed{SEED}.json") for k, v in RESULT_OF_PROFILE.items()}
 
 # The tiny random-init model learns weakly; lr 1e-2 is where it learns at all.
 MODEL = "tiny-llama"
@@ -98,6 +105,8 @@ if PROFILE == "pretrained-long":
         ["train.local_steps=20"]
     COMMON = PROFILE_SETTINGS + ["federation.clients=3", "strategy.transport=float32"]
     METHOD_SETTINGS = ["continual.replay_capacity=48", "continual.ewc_strength=1000"]
+if SEED:
+    COMMON = COMMON + [f"train.seed={SEED}"]
 DP = ["privacy.target_epsilon=8", "privacy.delta=1e-5"]
 
 # Six frequent conditions of the demo in pairs ("Bipolar Disorde" is the source's spelling).
@@ -141,9 +150,8 @@ if PROFILE == "pretrained":
     LANES = [[("drugs", "plain")], [("headlines", "all"), ("drugs", "dp")]]
 if PROFILE == "pretrained-long":
     LEFT_OUT = {"drugs": "Only the goal's runs (naive, replay+EWC, joint) were planned, without DP: the longer "
-                         "local training of this profile costs about three times the steps; replay alone "
-                         "(`--part replay`, merged with `--merge`) and one replay+EWC variant (`--variant`) "
-                         "were added after them"}
+                         "local training of this profile costs about three times the steps; any other row was "
+                         "run afterwards on its own (`--part METHOD` and `--merge`, or `--variant`)"}
     # one process per lane, a lane being one or more runs (a part named by its method)
     LANES = [[("drugs", "naive"), ("drugs", "joint")], [("drugs", "replay+ewc")]]
 
@@ -531,6 +539,8 @@ def render(result: dict) -> list[str]:
                "continual runs calibrate the noise at a client's smallest task share, so most spend less than 8. "
                if has_dp else "No DP runs. ")
     longer = ", longer local training" if result.get("profile") == "pretrained-long" else ""
+    seed = next((x.split("=", 1)[1] for x in result.get("settings", []) if x.startswith("train.seed=")), None)
+    longer += f", seed {seed}" if seed is not None else ""
     lines = [f"## Continual learning{longer} ({result['model']}, measured {result['when']})", "",
              f"Streams of three tasks, {result['clients']} clients holding IID shares of every task, "
              f"{result['rounds_per_task']} rounds per task, {result['local_steps']} local steps of batch "
@@ -667,7 +677,8 @@ def merge(files: list[Path], name: str) -> None:
     result["lanes"] = LANES
     for stream in result["streams"]:
         _plan_notes(stream)
-    result["complete"] = {s["key"] for s in result["streams"]} == set(STREAMS) and all(
+    planned_streams = {key for lane in LANES for key, _ in lane}  # a profile may run only some streams
+    result["complete"] = {s["key"] for s in result["streams"]} >= planned_streams and all(
         {(p["method"], p["dp"]) for p in s["planned"]} <= {(r["method"], r["dp"]) for r in s["runs"]}
         for s in result["streams"])
     _write(RESULTS / name, result)
@@ -678,6 +689,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one stream, naive and joint only: checks the script")
     parser.add_argument("--profile", choices=PROFILES,
                         help="default tiny, or the FEDCL_BENCH_PROFILE the stream processes inherit")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="train.seed of every run (default 0); another seed writes its own result file")
     parser.add_argument("--stream", choices=list(STREAMS), help="run one stream, write its result to --out")
     parser.add_argument("--out", type=Path, help="with --stream: where to write the stream's result")
     parser.add_argument("--part", choices=("all", "plain", "dp", *METHODS, "joint"), default="all",
@@ -687,8 +700,10 @@ def main() -> None:
     parser.add_argument("--variant", choices=list(STREAMS),
                         help="run only the extra replay+EWC variant (VARIANT) on this stream, add it to the result")
     args = parser.parse_args()
-    if args.profile not in (None, PROFILE):  # the module's settings are read at import: start again with it set
-        os.environ["FEDCL_BENCH_PROFILE"] = args.profile
+    if args.profile not in (None, PROFILE) or args.seed not in (None, SEED):
+        # the module's settings are read at import: start again with them set
+        os.environ["FEDCL_BENCH_PROFILE"] = args.profile or PROFILE
+        os.environ["FEDCL_BENCH_SEED"] = str(args.seed if args.seed is not None else SEED)
         os.execv(sys.executable, [sys.executable, "-m", "bench.continual", *sys.argv[1:]])
     if args.merge is not None:
         merge(args.merge, RESULT_OF_PROFILE[PROFILE])
