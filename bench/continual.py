@@ -91,19 +91,20 @@ if PROFILE.startswith("pretrained"):
     # headline stream and 9 on the drug stream (longer texts).
     PROFILE_SETTINGS = ["model.name=smollm2-135m", "model.layers=6", "model.threads=1", "train.lr=3e-3",
                         "train.local_steps=6", "train.batch_size=8", "continual.rounds_per_task=2"]
+if PROFILE == "pretrained-long":
+    # The drug stream's goal runs with 20 local steps a round instead of 6, so that each task is
+    # learned before the next arrives (at 6 the first task reached 0.65 against a majority share
+    # of 0.53); its replay memory is set with METHOD_SETTINGS.
+    PROFILE_SETTINGS = [s for s in PROFILE_SETTINGS if not s.startswith("train.local_steps=")] + \
+        ["train.local_steps=20"]
 COMMON = PROFILE_SETTINGS + ["federation.clients=3",
                              "strategy.transport=float32"]  # exact updates: no quantisation in the comparison
 # 12 replayed records per client: half a client's share of the first drug task, a quarter
 # of a headline month's; a memory, not the whole past.
 METHOD_SETTINGS = ["continual.replay_capacity=12", "continual.ewc_strength=1000"]
 if PROFILE == "pretrained-long":
-    # The drug stream's goal runs with 20 local steps a round instead of 6, so that each task is
-    # learned before the next arrives (at 6 the first task reached 0.65 against a majority share
-    # of 0.53), and a replay memory of 48 records per client: about all of a client's earlier
-    # records of this stream (26 + 20 by the third task), near full rehearsal.
-    PROFILE_SETTINGS = [s for s in PROFILE_SETTINGS if not s.startswith("train.local_steps=")] + \
-        ["train.local_steps=20"]
-    COMMON = PROFILE_SETTINGS + ["federation.clients=3", "strategy.transport=float32"]
+    # A replay memory of 48 records per client: about all of a client's earlier records of the
+    # drug stream (26 + 20 by the third task), near full rehearsal.
     METHOD_SETTINGS = ["continual.replay_capacity=48", "continual.ewc_strength=1000"]
 if SEED:
     COMMON = COMMON + [f"train.seed={SEED}"]
@@ -305,12 +306,13 @@ def _runs(stream: dict, dp: bool) -> dict:
     return {r["method"]: r for r in stream["runs"] if r["dp"] == dp}
 
 
-def goal(stream: dict, dp: bool) -> dict | None:
-    """The goal's three tests, or None when a run it compares is missing."""
+def goal(stream: dict, dp: bool, method: str = "replay+ewc") -> dict | None:
+    """The goal's three tests of `method` (replay+EWC, or a variant of it), or None when a run it
+    compares is missing."""
     runs = _runs(stream, dp)
-    if not all(m in runs for m in ("replay+ewc", "joint", "naive")):
+    if not all(m in runs for m in (method, "joint", "naive")):
         return None
-    best, joint, naive = runs["replay+ewc"], runs["joint"], runs["naive"]
+    best, joint, naive = runs[method], runs["joint"], runs["naive"]
     return {"within_5pct_of_joint": best["average_accuracy"] >= (1 - GOAL_GAP) * joint["average_accuracy"],
             "forgetting_under_2": best["forgetting"] < GOAL_FORGETTING,
             "naive_forgets_clearly": naive["forgetting"] >= CLEAR_FORGETTING}
@@ -334,15 +336,11 @@ def verdict(stream: dict, dp: bool = False) -> str:
 
 def variant_verdict(stream: dict) -> str:
     """The goal's three tests for the extra replay+EWC variant runs (no DP), as a clause; "" without one."""
-    runs = _runs(stream, False)
-    joint, naive = runs.get("joint"), runs.get("naive")
-    if joint is None or naive is None:
-        return ""
     clauses = []
-    for name, r in runs.items():
-        if name.startswith("replay+ewc, ") and "variant" in r:
-            ok = (r["average_accuracy"] >= (1 - GOAL_GAP) * joint["average_accuracy"]
-                  and r["forgetting"] < GOAL_FORGETTING and naive["forgetting"] >= CLEAR_FORGETTING)
+    for name, r in _runs(stream, False).items():
+        g = goal(stream, False, name) if "variant" in r else None
+        if g is not None:
+            ok = all(g.values())
             clauses.append(f"with the extra variant {name!r} (one run, settings chosen after the first missed): "
                            f"**{'met' if ok else 'not met'}**, average accuracy {r['average_accuracy']:.3f}, "
                            f"forgetting {100 * r['forgetting']:.1f} points")
@@ -416,13 +414,14 @@ def _stream_lines(s: dict) -> list[str]:
     lines += ["", f"Goal on this stream, without DP: {verdict(s)}."]
     joint = _runs(s, False).get("joint")
     for r in runs:
-        if r.get("variant") and joint:
+        vg = goal(s, False, r["method"]) if r.get("variant") else None
+        if vg is not None:
             need = (1 - GOAL_GAP) * joint["average_accuracy"]
-            ok = r["average_accuracy"] >= need and r["forgetting"] < GOAL_FORGETTING
+            ok = vg["within_5pct_of_joint"] and vg["forgetting_under_2"]
             lines += [f"The extra variant ({r['method']}) in replay+EWC's place: average accuracy "
-                      f"{r['average_accuracy']:.3f} ({'reaches' if r['average_accuracy'] >= need else 'misses'} "
+                      f"{r['average_accuracy']:.3f} ({'reaches' if vg['within_5pct_of_joint'] else 'misses'} "
                       f"{need:.3f}), forgetting {100 * r['forgetting']:.1f} points "
-                      f"({'under' if r['forgetting'] < GOAL_FORGETTING else 'not under'} 2): its own two tests "
+                      f"({'under' if vg['forgetting_under_2'] else 'not under'} 2): its own two tests "
                       f"{'pass' if ok else 'do not both pass'}."]
     if True in dps:
         lines += [f"With DP (epsilon 8): {verdict(s, True)}."]

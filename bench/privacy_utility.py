@@ -487,18 +487,27 @@ def _result_path() -> Path:
     return RESULTS / (RESULT if PROFILE == "tiny" else EXTRA_RESULTS[0])
 
 
-def _merged(rows: list[dict], datasets: list[str], seeds: int, audit: bool, started: float) -> dict:
-    """This invocation's rows; with a dataset selection, on top of the saved result's other datasets."""
+def _model_name() -> str:
+    return MODEL if PROFILE == "tiny" else f"{MODEL}, first {COMMON_LAYERS} layers"
+
+
+def _saved(datasets: list[str], seeds: int) -> dict:
+    """The saved result this invocation merges into: {} unless it runs a selection of the datasets."""
+    if datasets == list(DATASETS) or not _result_path().exists():
+        return {}
+    old = json.loads(_result_path().read_text())
+    if old.get("model") != _model_name() or old.get("seeds") != seeds:
+        raise SystemExit(f"{_result_path()} holds {old.get('model')!r} with {old.get('seeds')} seed(s): "
+                         "run every dataset instead of merging into it")
+    return old
+
+
+def _merged(rows: list[dict], datasets: list[str], seeds: int, audit: bool, started: float, old: dict) -> dict:
+    """This invocation's rows; with a dataset selection, on top of `old`, the saved result's other datasets."""
     failed = [r for r in rows if "error" in r]
     rows = [r for r in rows if "error" not in r]
-    model = MODEL if PROFILE == "tiny" else f"{MODEL}, first {COMMON_LAYERS} layers"
+    model = _model_name()
     when = time.strftime("%Y-%m-%d %H:%M")
-    old = {}
-    if datasets != list(DATASETS) and _result_path().exists():
-        old = json.loads(_result_path().read_text())
-        if old.get("model") != model or old.get("seeds") != seeds:
-            raise SystemExit(f"{_result_path()} holds {old.get('model')!r} with {old.get('seeds')} seed(s): "
-                             "run every dataset instead of merging into it")
     kept = [r for r in old.get("runs", []) if r["dataset"] not in datasets]
     settings = {k: v for k, v in old.get("settings", {}).items() if k not in datasets}
     settings.update({k: v for k, v in _settings().items() if k in datasets})
@@ -544,12 +553,13 @@ def main() -> None:
     audit = not args.no_audit and AUDIT["dataset"] in datasets
     started = time.perf_counter()
     RESULTS.mkdir(exist_ok=True)
+    old = _saved(datasets, args.seeds)  # read once, before this invocation rewrites the file
     rows: list[dict] = []
     # Written after every finished run, so an interrupted invocation leaves what it measured.
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
         for future in as_completed([pool.submit(_launch, spec) for spec in _specs(args.seeds, datasets, audit)]):
             rows.append(future.result())
-            result = _merged(rows, datasets, args.seeds, audit, started)
+            result = _merged(rows, datasets, args.seeds, audit, started, old)
             _result_path().write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["utility"], indent=2))
 

@@ -423,8 +423,7 @@ def lr_sweep(args, base: list[str], seeds: list[int], parallel: int) -> None:
                 results["failed"].append({k: spec[k] for k in ("split", "name", "lr", "seed")})
             else:
                 summary["seed"] = spec["seed"]
-                per_lr = results["runs"].setdefault(spec["split"], {}).setdefault(spec["name"], {})
-                per_lr[spec["lr"]] = [s for s in per_lr.get(spec["lr"], []) if s["seed"] != spec["seed"]] + [summary]
+                _put_runs(results, spec["split"], spec["name"], spec["lr"], [summary])
                 session["federations"] += 1
                 print(f"{spec['split']:9s} {spec['name']:9s} lr {spec['lr']:6s} seed {spec['seed']} | accuracy "
                       f"{summary['accuracy'][-1]:.3f} | {summary['wall_seconds']:.0f} s", flush=True)
@@ -432,6 +431,13 @@ def lr_sweep(args, base: list[str], seeds: list[int], parallel: int) -> None:
             path.write_text(json.dumps(results, indent=2) + "\n")
     path.write_text(json.dumps(results, indent=2) + "\n")
     print("\n".join(render(results)))
+
+
+def _put_runs(results: dict, split: str, name: str, lr: str, summaries: list[dict]) -> None:
+    """Add a sweep's runs of one setting, replacing the runs of the same seeds."""
+    per_lr = results["runs"].setdefault(split, {}).setdefault(name, {})
+    seeds = {s["seed"] for s in summaries}
+    per_lr[lr] = [s for s in per_lr.get(lr, []) if s["seed"] not in seeds] + summaries
 
 
 def merge_sweeps(target: Path, source: Path) -> None:
@@ -443,9 +449,7 @@ def merge_sweeps(target: Path, source: Path) -> None:
     for split, by_name in extra["runs"].items():
         for name, per_lr in by_name.items():
             for lr, summaries in per_lr.items():
-                mine = into["runs"].setdefault(split, {}).setdefault(name, {}).setdefault(lr, [])
-                seeds = {s["seed"] for s in summaries}
-                mine[:] = [s for s in mine if s["seed"] not in seeds] + summaries
+                _put_runs(into, split, name, lr, summaries)
     into["sessions"] += extra["sessions"]
     into["failed"] += extra["failed"]
     into["when"] = max(into["when"], extra["when"])
