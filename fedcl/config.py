@@ -112,6 +112,12 @@ class DataConfig:
     # takes the built-in dataset's own prompt (or "{text}\nLabel:").
     classification_template: str = "auto"
     instruction_template: str = "### Instruction:\n{prompt}\n### Response:\n"
+    # Classification: subtract from every label score the score the base model
+    # gives the template with an empty text, so training starts with no label
+    # preference instead of the base model's prior (on a small model often far
+    # off: all of it on one label). It is computed from the base model alone,
+    # so it reads no private data and costs no privacy.
+    calibrate: bool = False
     partition: PartitionKind = "iid"
     alpha: float = 0.5
     partition_column: str = ""
@@ -176,6 +182,8 @@ class DataConfig:
                    'at least two non-empty label groups, e.g. "Acne,Pain; Depression"')
             _check(len(set(labels)) == len(labels), "data.task_groups", self.task_groups,
                    "each label in one group only")
+        _check(not self.calibrate or self.task == "classification", "data.calibrate", self.calibrate,
+               "false for data.task = \"instruction\" (it calibrates label scores)")
         key = "data.classification_template" if self.task == "classification" else "data.instruction_template"
         slot = "{text}" if self.task == "classification" else "{prompt}"
         template = self.classification_template if self.task == "classification" else self.instruction_template

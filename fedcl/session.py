@@ -42,6 +42,18 @@ def _lora_model(model_cfg, lora_cfg, layout: str = "lora"):
 
 
 @functools.lru_cache(maxsize=4)
+def _content_free_offset(model_cfg, data_cfg, train_cfg, labels: tuple[str, ...]):
+    # From a fresh copy of the base model, never from the session's model: the
+    # offset must not depend on the adapter a node happens to hold, so every
+    # client and the server subtract the same one.
+    model, tokenizer = models.load_base(model_cfg.name)
+    if model_cfg.layers:
+        models.keep_layers(model, model_cfg.layers)
+    task = make_task("classification", tokenizer, list(labels), data_cfg, model_cfg, train_cfg)
+    return task.content_free_scores(model)
+
+
+@functools.lru_cache(maxsize=4)
 def _dataset(data_cfg, seed: int) -> data.Dataset:
     return data.load_dataset(data_cfg, seed=seed)
 
@@ -74,6 +86,8 @@ class Shared:
         dataset = _dataset(config.data, config.train.seed)
         task = make_task(config.data.task, tokenizer, dataset.labels, config.data, config.model,
                          config.train)
+        if config.data.calibrate:
+            task.offset = _content_free_offset(config.model, config.data, config.train, tuple(dataset.labels))
         return cls(config, model, tokenizer, task, dataset, _initial_state(config))
 
 

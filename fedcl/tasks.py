@@ -100,6 +100,8 @@ class ClassificationTask:
                 "prompt template; raise model.max_length or shorten data.classification_template"
             )
         self.text_room = room
+        # Subtracted from the label scores (data.calibrate); set by the session.
+        self.offset: torch.Tensor | None = None
 
     def _label_tokens(self) -> list[int]:
         ids = []
@@ -138,7 +140,17 @@ class ClassificationTask:
         hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         last = hidden[:, -1, :]
         rows = head.weight[self.label_token_ids]
-        return (last @ rows.to(last.dtype).T).float()
+        scores = (last @ rows.to(last.dtype).T).float()
+        return scores if self.offset is None else scores - self.offset
+
+    def content_free_scores(self, model) -> torch.Tensor:
+        """(num_labels,) raw scores of the template with an empty text: the model's label prior."""
+        offset, self.offset = self.offset, None
+        try:
+            with torch.no_grad():
+                return self.logits(model, self.encode([{"text": "", "label": self.labels[0]}]))[0]
+        finally:
+            self.offset = offset
 
     def per_example_loss(self, model, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self.logits(model, batch), batch.targets,

@@ -105,6 +105,8 @@ def test_dependent_checks_name_the_other_key():
         load_config(overrides=["data.partition=column"])
     with pytest.raises(ConfigError, match=r"data\.instruction_template: got 'x'.*\{prompt\}"):
         load_config(overrides=["data.task=instruction", "data.instruction_template=x"])
+    with pytest.raises(ConfigError, match=r"data\.calibrate: got True.*data\.task = \"instruction\""):
+        load_config(overrides=["data.task=instruction", "data.calibrate=true"])
     with pytest.raises(ConfigError, match=r"federation\.clients=2"):
         load_config(overrides=["federation.clients=2", "federation.clients_per_round=3"])
 

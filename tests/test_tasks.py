@@ -132,3 +132,50 @@ def test_classification_report_worked_example():
 def test_language_model_report():
     r = metrics.language_model_report(total_loss=20.0, total_tokens=10, num_examples=3)
     assert r["loss"] == 2.0 and r["perplexity"] == pytest.approx(7.389, abs=1e-3)
+
+
+# -- content-free calibration (data.calibrate) -------------------------------------
+
+def _calibrated(extra=()):
+    from fedcl.session import Shared
+
+    config = load_config(None, ["model.name=tiny-llama", "model.max_length=32", "data.calibrate=true",
+                                "data.max_records=40", *extra])
+    return Shared.get(config)
+
+
+def test_calibration_makes_the_empty_text_score_every_label_alike():
+    shared = _calibrated()
+    task, model = shared.task, shared.model
+    assert task.offset is not None and task.offset.abs().max() > 1e-3  # a real prior was removed
+    empty = task.encode([{"text": "", "label": task.labels[0]}])
+    real = task.encode(shared.dataset.train[:4])
+    with torch.no_grad():
+        assert torch.allclose(task.logits(model, empty), torch.zeros(1, len(task.labels)), atol=1e-4)
+        calibrated = task.logits(model, real)
+        offset, task.offset = task.offset, None
+        try:
+            raw = task.logits(model, real)
+        finally:
+            task.offset = offset
+    assert torch.allclose(calibrated, raw - offset, atol=1e-5)
+
+
+def test_calibration_offset_comes_from_the_base_model_not_the_adapter():
+    from fedcl import session
+
+    first = _calibrated().task.offset.clone()
+    model = _calibrated().model
+    with torch.no_grad():  # a trained-looking adapter on the session's cached model
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    session._content_free_offset.cache_clear()
+    try:
+        again = _calibrated().task.offset
+    finally:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.zero_()
+    assert torch.allclose(first, again, atol=1e-6)
