@@ -5,6 +5,8 @@
     .venv/bin/python -m bench.privacy_utility --profile pretrained
     .venv/bin/python -m bench.privacy_utility --profile pretrained --datasets lending-club
         # only the loans; merged into the saved result, whose other datasets and audit are kept
+    .venv/bin/python -m bench.privacy_utility --profile pretrained-calibrated --no-audit
+        # the pretrained profile's drug-review runs with data.calibrate = true
 
 1. Utility: the final global accuracy and macro-F1 on each dataset with
    sample-level DP-SGD at epsilon 1, 3 and 8 (delta 1e-5), against the same
@@ -51,7 +53,14 @@ RESULT = "privacy_utility.json"
 # pretrained SmolLM2 cut to its first 6 layers (`model.layers`), which learns the
 # drug-review task within a few rounds at a fifth of the full model's step cost.
 PROFILE = os.environ.get("FEDCL_BENCH_PROFILE", "tiny")
-EXTRA_RESULTS = ["privacy_utility_pretrained.json"]
+PROFILES = ("tiny", "pretrained", "pretrained-calibrated")
+EXTRA_RESULTS = ["privacy_utility_pretrained.json", "privacy_utility_pretrained_calibrated.json"]
+# `--profile pretrained-calibrated`: the pretrained profile with the label scores calibrated
+# (data.calibrate: the base model's scores for an empty review subtracted), on the drug
+# reviews only. The untuned 6-layer model puts all its weight on one label ("Acne", 13% of
+# the test split); without calibration the first rounds' gradient, and under DP most of the
+# budget, go into undoing that prior.
+CALIBRATED = PROFILE == "pretrained-calibrated"
 MODEL = "tiny-llama" if PROFILE == "tiny" else "smollm2-135m"
 EPSILONS = (1.0, 3.0, 8.0)
 DELTA = 1e-5
@@ -60,7 +69,7 @@ GOAL_FRACTION = 0.95  # at epsilon 8, of the non-private federated accuracy
 # needs the records) and the server's test split is what is reported.
 COMMON_LAYERS = 6  # of the pretrained model's 30, under --profile pretrained
 COMMON = [f"model.name={MODEL}", "model.threads=1", "data.eval_fraction=0"] + \
-    ([] if PROFILE == "tiny" else [f"model.layers={COMMON_LAYERS}"])
+    ([] if PROFILE == "tiny" else [f"model.layers={COMMON_LAYERS}"]) + (["data.calibrate=true"] if CALIBRATED else [])
 DATASETS = {
     # 196 training reviews: ~65 per client, the hard case for DP.
     "drugreview-condition": {"clients": 3, "rounds": 8, "local_steps": 20, "batch_size": 8, "lr": 1e-2,
@@ -73,7 +82,7 @@ DATASETS = {
 }
 # DP runs use the same learning rate and batch unless a dataset names its own here.
 DP_SETTINGS: dict[str, dict] = {}
-if PROFILE == "pretrained":
+if PROFILE != "tiny":
     DATASETS = {"drugreview-condition": {"clients": 3, "rounds": 4, "local_steps": 20, "batch_size": 8,
                                          "lr": 3e-3, "extra": []},
                 # ~2,630 loans per client, the realistic case for DP. model.max_length stays 64:
@@ -88,6 +97,8 @@ if PROFILE == "pretrained":
     # rate; 6 steps a round, since a step of 64 per-sample gradients costs about five of 16
     # plain ones (~768 loans per client over the run, ~1.5x the non-private run's).
     DP_SETTINGS = {"lending-club": {"batch_size": 64, "lr": 1e-2, "local_steps": 6}}
+if CALIBRATED:
+    DATASETS = {"drugreview-condition": DATASETS["drugreview-condition"]}
 AUDIT = {"dataset": "drugreview-condition", "canaries": 50, "epsilon": 8.0, "alpha": 0.05}
 
 
@@ -414,6 +425,10 @@ def render(result: dict) -> list[str]:
                  "need. It learns weakly, so these figures show what DP costs relative to a weak learner, "
                  "not what a pretrained model reaches. ") +
              _dp_settings_text(result["settings"]) +
+             (" Every run here subtracts the untuned model's label scores for an empty review from its "
+              "label scores (`data.calibrate = true`), so training starts from no label preference "
+              "instead of the base model's prior (all on \"Acne\", 13% of the test split)."
+              if result["model"].endswith("calibrated") else "") +
              (" Each loan's text (about 196 tokens of field: value pairs) is cut to `model.max_length = 64` "
               "tokens: the model sees the amount, term, interest rate, sub-grade, state, verification status "
               "and part of the income." if "lending-club" in result["settings"] and
@@ -484,11 +499,12 @@ def _audit_lines(result: dict) -> list[str]:
 
 
 def _result_path() -> Path:
-    return RESULTS / (RESULT if PROFILE == "tiny" else EXTRA_RESULTS[0])
+    return RESULTS / (RESULT if PROFILE == "tiny" else EXTRA_RESULTS[PROFILES.index(PROFILE) - 1])
 
 
 def _model_name() -> str:
-    return MODEL if PROFILE == "tiny" else f"{MODEL}, first {COMMON_LAYERS} layers"
+    name = MODEL if PROFILE == "tiny" else f"{MODEL}, first {COMMON_LAYERS} layers"
+    return name + (", label scores calibrated" if CALIBRATED else "")
 
 
 def _saved(datasets: list[str], seeds: int) -> dict:
@@ -536,7 +552,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--parallel", type=int, default=2)
-    parser.add_argument("--profile", choices=("tiny", "pretrained"), default="tiny")
+    parser.add_argument("--profile", choices=PROFILES, default="tiny")
     parser.add_argument("--datasets", default="",
                         help="comma-separated subset of the profile's datasets; their runs replace "
                              "theirs in the saved result, the other datasets' runs and the audit are kept")
