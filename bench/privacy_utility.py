@@ -61,7 +61,6 @@ EXTRA_RESULTS = ["privacy_utility_pretrained.json", "privacy_utility_pretrained_
 # the test split); without calibration the first rounds' gradient, and under DP most of the
 # budget, go into undoing that prior.
 CALIBRATED = PROFILE == "pretrained-calibrated"
-LOAN_THRESHOLD = 0.1
 MODEL = "tiny-llama" if PROFILE == "tiny" else "smollm2-135m"
 EPSILONS = (1.0, 3.0, 8.0)
 DELTA = 1e-5
@@ -99,16 +98,7 @@ if PROFILE != "tiny":
     # plain ones (~768 loans per client over the run, ~1.5x the non-private run's).
     DP_SETTINGS = {"lending-club": {"batch_size": 64, "lr": 1e-2, "local_steps": 6}}
 if CALIBRATED:
-    # The loans, set up so that the non-private federation can beat the majority class: 4,800
-    # loans drawn over the run (~1,200 per client, ~2.3x the pretrained profile's), and "bad"
-    # flagged at probability LOAN_THRESHOLD (chosen on a validation slice of the training
-    # records, never the test split), so macro-F1 measures how well loans are ranked by risk.
-    DATASETS = {"drugreview-condition": DATASETS["drugreview-condition"],
-                "lending-club": {"clients": 3, "rounds": 3, "local_steps": 25, "batch_size": 16, "lr": 3e-3,
-                                 "extra": ["data.max_test_records=400", "train.positive_label=bad",
-                                           f"train.threshold={LOAN_THRESHOLD}"]}}
-    # DP: 12 steps a round of an expected 64 loans (~2,300 per client over the run).
-    DP_SETTINGS = {"lending-club": {"batch_size": 64, "lr": 1e-2, "local_steps": 12}}
+    DATASETS = {"drugreview-condition": DATASETS["drugreview-condition"]}
 AUDIT = {"dataset": "drugreview-condition", "canaries": 50, "epsilon": 8.0, "alpha": 0.05}
 
 
@@ -353,7 +343,6 @@ def _utility_lines(name: str, block: dict, settings: dict, measured: str = "") -
              f"batch {s['batch_size']}, AdamW lr {s['lr']:g}; {dp_text}; centralised: 1 client, "
              f"{s['rounds']} x {s['clients'] * s['local_steps']} steps; "
              f"{any_row['test_records']} test records{' (stratified cap)' if _capped(s) else ''}; "
-             f"{_flagged(s)}"
              f"majority baseline {any_row['majority_baseline']:.3f}"
              f"{'; measured ' + measured if measured else ''})", "",
              "| run | epsilon spent (max over clients) | accuracy | of non-DP federated | macro-F1 "
@@ -408,14 +397,6 @@ def _utility_lines(name: str, block: dict, settings: dict, measured: str = "") -
 def _dp_same(settings: dict) -> bool:
     dp = settings.get("dp", settings)
     return all(dp[k] == settings[k] for k in ("batch_size", "lr", "local_steps", "rounds"))
-
-
-def _flagged(settings: dict) -> str:
-    keys = dict(e.split("=", 1) for e in settings.get("extra", []))
-    if "train.positive_label" not in keys:
-        return ""
-    return (f"\"{keys['train.positive_label']}\" predicted at probability "
-            f"{keys.get('train.threshold', '0.5')} or more; ")
 
 
 def _capped(settings: dict) -> bool:
