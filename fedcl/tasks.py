@@ -141,7 +141,7 @@ class ClassificationTask:
         last = hidden[:, -1, :]
         rows = head.weight[self.label_token_ids]
         scores = (last @ rows.to(last.dtype).T).float()
-        return scores if self.offset is None else scores - self.offset
+        return scores if self.offset is None else scores - self.offset.to(scores.device)
 
     def content_free_scores(self, model) -> torch.Tensor:
         """(num_labels,) raw scores of the template with an empty text: the model's label prior."""
