@@ -55,6 +55,7 @@ RESULT = "privacy_utility.json"
 PROFILE = os.environ.get("FEDCL_BENCH_PROFILE", "tiny")
 PROFILES = ("tiny", "pretrained", "pretrained-calibrated")
 EXTRA_RESULTS = ["privacy_utility_pretrained.json", "privacy_utility_pretrained_calibrated.json"]
+RESULT_OF_PROFILE = dict(zip(PROFILES, [RESULT, *EXTRA_RESULTS]))
 # `--profile pretrained-calibrated`: the pretrained profile with the label scores calibrated
 # (data.calibrate: the base model's scores for an empty review subtracted), on the drug
 # reviews only. The untuned 6-layer model puts all its weight on one label ("Acne", 13% of
@@ -499,7 +500,7 @@ def _audit_lines(result: dict) -> list[str]:
 
 
 def _result_path() -> Path:
-    return RESULTS / (RESULT if PROFILE == "tiny" else EXTRA_RESULTS[PROFILES.index(PROFILE) - 1])
+    return RESULTS / RESULT_OF_PROFILE[PROFILE]
 
 
 def _model_name() -> str:

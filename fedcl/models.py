@@ -310,6 +310,14 @@ def keep_layers(model: PreTrainedModel, count: int) -> None:
         model.config.layer_types = model.config.layer_types[:count]
 
 
+def load_configured_base(model_cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`load_base(model_cfg.name)`, cut to `model_cfg.layers` when set: the base every node builds on."""
+    model, tokenizer = load_base(model_cfg.name)
+    if model_cfg.layers:
+        keep_layers(model, model_cfg.layers)
+    return model, tokenizer
+
+
 def build_lora_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *,
                      device: str | torch.device = "cpu") -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """A fresh base from `model_cfg.name` with a LoRA adapter; only LoRA trains.
@@ -318,9 +326,7 @@ def build_lora_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *,
     global RNG state is left untouched). The base moves to `device` before
     PEFT wraps it (opacus#820 reported corrupted LoRA updates otherwise).
     """
-    model, tokenizer = load_base(model_cfg.name)
-    if model_cfg.layers:
-        keep_layers(model, model_cfg.layers)
+    model, tokenizer = load_configured_base(model_cfg)
     model = model.to(device)
     peft_config = PeftLoraConfig(
         task_type=TaskType.CAUSAL_LM, r=lora_cfg.r, lora_alpha=lora_cfg.alpha,

@@ -46,9 +46,7 @@ def _content_free_offset(model_cfg, data_cfg, train_cfg, labels: tuple[str, ...]
     # From a fresh copy of the base model, never from the session's model: the
     # offset must not depend on the adapter a node happens to hold, so every
     # client and the server subtract the same one.
-    model, tokenizer = models.load_base(model_cfg.name)
-    if model_cfg.layers:
-        models.keep_layers(model, model_cfg.layers)
+    model, tokenizer = models.load_configured_base(model_cfg)
     task = make_task("classification", tokenizer, list(labels), data_cfg, model_cfg, train_cfg)
     return task.content_free_scores(model)
 

@@ -130,8 +130,8 @@ class ClassificationTask:
         ids, mask = _pad_left(seqs, self.tokenizer.pad_token_id)
         return Batch(ids, mask, torch.tensor(targets, dtype=torch.long))
 
-    def logits(self, model, batch: Batch) -> torch.Tensor:
-        """(B, num_labels) scores: the last hidden state against each label word's embedding.
+    def scores(self, model, batch: Batch) -> torch.Tensor:
+        """(B, num_labels) raw scores: the last hidden state against each label word's embedding.
 
         Only the label rows of the output embedding are used, which avoids
         computing the full vocabulary projection at every position.
@@ -140,17 +140,17 @@ class ClassificationTask:
         hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         last = hidden[:, -1, :]
         rows = head.weight[self.label_token_ids]
-        scores = (last @ rows.to(last.dtype).T).float()
+        return (last @ rows.to(last.dtype).T).float()
+
+    def logits(self, model, batch: Batch) -> torch.Tensor:
+        """(B, num_labels) scores, less the calibration offset when one is set."""
+        scores = self.scores(model, batch)
         return scores if self.offset is None else scores - self.offset.to(scores.device)
 
     def content_free_scores(self, model) -> torch.Tensor:
         """(num_labels,) raw scores of the template with an empty text: the model's label prior."""
-        offset, self.offset = self.offset, None
-        try:
-            with torch.no_grad():
-                return self.logits(model, self.encode([{"text": "", "label": self.labels[0]}]))[0]
-        finally:
-            self.offset = offset
+        with torch.no_grad():
+            return self.scores(model, self.encode([{"text": "", "label": self.labels[0]}]))[0]
 
     def per_example_loss(self, model, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self.logits(model, batch), batch.targets,
