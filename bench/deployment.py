@@ -8,7 +8,7 @@ One run, side by side on the tiny model, from the same data files and config:
 
 - simulation: `fedcl simulate` (Flower's simulation engine on Ray) with 3 clients;
 - deployment: a `flower-superlink` and 3 `flower-supernode` processes on 127.0.0.1
-  with TLS and node authentication, started as `fedcl/deploy/launch.py` starts
+  with TLS and node authentication, started as `ops/deploy/launch.py` starts
   them and the run submitted with `flwr run`;
 - the same deployment with 12 SuperNodes, for memory (and its round time): one
   round by default, counted with whatever replies arrive within its timeout.
@@ -33,8 +33,8 @@ import threading
 import time
 from pathlib import Path
 
-from fedcl.deploy import launch
-from fedcl.deploy.certs import generate_certs
+from fedcl.ops.deploy import launch
+from fedcl.ops.deploy.certs import generate_certs
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"

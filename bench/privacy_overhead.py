@@ -31,7 +31,7 @@ def worker(kind: str, private: bool, model: str) -> dict:
     import torch
 
     from fedcl.config import load_config
-    from fedcl.privacy.accounting import plan_for
+    from fedcl.privacy.accounting import sample_plan
     from fedcl.privacy.dpsgd import train_private
     from fedcl.session import LocalSession
     from fedcl.train import train_local
@@ -44,10 +44,9 @@ def worker(kind: str, private: bool, model: str) -> dict:
     records = session.train_records
 
     def run(steps: int):
-        cfg = config.replace({"train.local_steps": steps})
+        cfg = config.replace({"train.local_steps": steps, "federation.rounds": 1})
         if private:
-            plan = plan_for(cfg.privacy, num_records=len(records), batch_size=cfg.train.batch_size,
-                            local_steps=steps, rounds=1)
+            plan = sample_plan(cfg, len(records))
             return train_private(session.model, session.shared.task, records, cfg.train, cfg.model, plan)
         return train_local(session.model, session.shared.task, records, cfg.train, cfg.model, seed=0)
 

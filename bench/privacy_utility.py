@@ -21,7 +21,7 @@
    ledgers accounted.
 
 Every federation runs the real ServerApp and ClientApp in-process through
-tests/inprocess.py's InProcessGrid (no Ray, whose start costs about 15 s), one
+`fedcl.ops.run.run_inprocess` (no Ray, whose start costs about 15 s), one
 subprocess per run, two at a time with one torch thread each (2 cores); run
 and state folders live in a temporary directory, so every DP ledger starts at
 zero. Clients keep no evaluation hold-out (data.eval_fraction = 0), so their
@@ -131,16 +131,12 @@ def _drop_empty_evaluations(partition_id: int, reply):
 
 def _federate(overrides: list[str], work: Path) -> tuple[object, dict, float]:
     """Run one federation through the real apps; (config, metrics.json, seconds)."""
-    from client.app import app as client_app
     from fedcl.config import load_config
-    from server.app import main as server_main
-    from tests.inprocess import InProcessGrid, server_context
+    from fedcl.ops.run import run_inprocess
 
     config = load_config(None, overrides + [f"run.out_dir={work / 'run'}", f"run.state_dir={work / 'state'}"])
-    flat = config.to_flat()
     start = time.perf_counter()
-    grid = InProcessGrid(client_app, config.federation.clients, flat, intercept=_drop_empty_evaluations)
-    server_main(grid, server_context(flat))
+    run_inprocess(config, intercept=_drop_empty_evaluations)
     seconds = time.perf_counter() - start
     return config, json.loads((work / "run" / "metrics.json").read_text()), seconds
 

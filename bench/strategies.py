@@ -6,7 +6,7 @@ real client updates, and a poisoned client against the robust aggregators.
     .venv/bin/python -m bench.strategies --profile pretrained
 
 Every federation runs in this process through the real ServerApp, ClientApp
-and strategy, with `tests.inprocess.InProcessGrid` as the transport (no Ray:
+and strategy, run in-process by `fedcl.ops.run.run_inprocess` (no Ray:
 starting it costs about 15 s a run, and a run here takes under a minute).
 
 - Per split and strategy: final accuracy of the global adapter on the global
@@ -61,14 +61,11 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from client.app import app as client_app
-from fedcl import flora
+from fedcl import flora, keys
 from fedcl.config import STRATEGY_NAMES, load_config
+from fedcl.federation.messages import decode_update
+from fedcl.ops.run import run_inprocess
 from fedcl.session import GlobalEvaluator
-from server.app import main as server_main
-from strategies.base import NUM_EXAMPLES
-from strategies.wire import decode_update
-from tests.inprocess import InProcessGrid, server_context
 
 RESULT = "strategies.json"
 # Learning-rate sweep of the pretrained profile (`--lr-sweep`); rendered by `render` like the others.
@@ -110,12 +107,10 @@ POISON_TOLERANCE = 0.02
 def run_federation(overrides: list[str], out: Path, intercept=None) -> dict:
     """One federation through the real apps; returns its metrics.json plus wall seconds."""
     config = load_config(None, overrides + [f"run.out_dir={out}"])
-    flat = config.to_flat()
-    grid = InProcessGrid(client_app, config.federation.clients, flat,
-                         intercept=skip_empty_evaluations(intercept))
     start = time.perf_counter()
     with open(out.parent / f"{out.name}.log", "w") as log, contextlib.redirect_stdout(log):
-        server_main(grid, server_context(flat))  # clients print one line per round; kept in the log
+        # clients print one line per round; kept in the log
+        run_inprocess(config, intercept=skip_empty_evaluations(intercept))
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["wall_seconds"] = time.perf_counter() - start
     return metrics
@@ -145,7 +140,7 @@ class ReplyRecorder:
         self._last_type = kind
         if kind == "train" and not reply.has_error():
             metrics = next(iter(reply.content.metric_records.values()))
-            self.rounds[-1].append((reply.content["arrays"], float(metrics[NUM_EXAMPLES])))
+            self.rounds[-1].append((reply.content["arrays"], float(metrics[keys.NUM_EXAMPLES_MSG])))
         return reply
 
 
@@ -161,7 +156,7 @@ def skip_empty_evaluations(intercept=None):
     def hook(partition_id: int, reply):
         if reply.metadata.message_type == "evaluate" and not reply.has_error():
             metrics = next(iter(reply.content.metric_records.values()))
-            if int(metrics.get(NUM_EXAMPLES, 0)) == 0:
+            if int(metrics.get(keys.NUM_EXAMPLES_MSG, 0)) == 0:
                 return None
         return reply if intercept is None else intercept(partition_id, reply)
     return hook

@@ -4,11 +4,11 @@ Pareto front of a multi-objective study with DP on (epsilon up to 8).
 
     .venv/bin/python -m bench.tuning [--quick]
 
-Every study is `fedcl.tuning.run_study`, the function behind `fedcl tune`, with
+Every study is `fedcl.ops.tuning.run_study`, the function behind `fedcl tune`, with
 its own samplers, search space parsing and objective (final-round accuracy on
 the medical demo's global test split). Only the runner differs: each trial's
 federation runs through the real ServerApp, strategy and ClientApp in this
-process (tests/inprocess.py) instead of on Flower's Ray engine, because an
+process (`fedcl.ops.run.run_inprocess`) instead of on Flower's Ray engine, because an
 engine trial took 60-80 s here against 14 s in-process for the same run (8
 rounds x 20 steps), and the budget is ~50 trials in about 25 minutes.
 Studies and run folders live in a temporary directory. Writes
@@ -54,15 +54,6 @@ DP_BASE = ["privacy.delta=1e-5", "privacy.target_epsilon=8"]
 SAMPLERS = ("grid", "random", "tpe")
 
 
-def inprocess_runner(config) -> None:
-    """One trial through the real apps in this process, as the engine would run it."""
-    from client.app import app as client_app
-    from server.app import main as server_main
-    from tests.inprocess import InProcessGrid, server_context
-
-    flat = config.to_flat()
-    server_main(InProcessGrid(client_app, config.federation.clients, flat), server_context(flat))
-
 
 def trial_rows(study) -> list[dict]:
     import optuna
@@ -91,11 +82,12 @@ def best_so_far(rows: list[dict]) -> list[float]:
 def run_one(overrides: list[str], space_table: dict, out: Path, **options) -> tuple[list[dict], object]:
     """One study through `run_study`: its trial rows, and the study itself."""
     from fedcl.config import load_config
-    from fedcl.tuning import TuneOptions, parse_space, run_study
+    from fedcl.ops.run import run_inprocess
+    from fedcl.ops.tuning import TuneOptions, parse_space, run_study
 
     base = load_config(None, overrides)
     study = run_study(base, parse_space(space_table, base), out, TuneOptions(**options),
-                      runner=inprocess_runner)
+                      runner=run_inprocess)
     return trial_rows(study), study
 
 
@@ -291,7 +283,7 @@ def main() -> None:
     start = time.time()
     result: dict = {"model": "tiny-llama", "when": time.strftime("%Y-%m-%d %H:%M"), "base": BASE,
                     "space": SPACE, "grid_space": GRID_SPACE, "dp_space": DP_SPACE, "dp_base": DP_BASE,
-                    "runner": "in-process (tests/inprocess.py)", "trials_per_study": trials}
+                    "runner": "in-process (fedcl.ops.run.run_inprocess)", "trials_per_study": trials}
 
     def save(runs: dict | None = None) -> None:
         if runs is not None:
@@ -303,7 +295,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedcl-bench-tuning-") as tmp:
         # The front first: it is one study, and the sampler comparison saves as it goes.
         result["pareto"] = pareto(Path(tmp), dp_trials, seed=0)
-        from server.checkpoint import RunDir
+        from fedcl.rundir import RunDir
 
         first = Path(tmp) / "pareto" / "trials" / "trial-0"
         result["majority_baseline"] = RunDir(first).metrics()["rounds"][-1]["eval"]["majority_baseline"]

@@ -47,9 +47,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from continual.methods import Method
 from fedcl.atomic import write_bytes
 from fedcl.config import AVALANCHE_DP_PLUGINS, AVALANCHE_PLUGINS, ContinualConfig, TrainConfig
+from fedcl.continual.methods import Method
+from fedcl.optim import build_optimizer
 from fedcl.tasks import Batch, ClassificationTask, decoder_and_head
 
 KIND = "fedcl.continual.avalanche"
@@ -205,8 +206,7 @@ class AvalancheMethod(Method):
             raise ValueError(f"{self.name}: Avalanche strategies need a classification task")
         net = VerbalizerClassifier(model, task.label_token_ids)
         params = [p for p in model.parameters() if p.requires_grad]
-        strategy = Naive(model=net, optimizer=torch.optim.AdamW(params, lr=self.train_cfg.lr,
-                                                             weight_decay=self.train_cfg.weight_decay),
+        strategy = Naive(model=net, optimizer=build_optimizer(params, self.train_cfg),
                      criterion=torch.nn.CrossEntropyLoss(label_smoothing=self.train_cfg.label_smoothing),
                      train_mb_size=self.train_cfg.batch_size, train_epochs=1,
                      eval_mb_size=self.train_cfg.eval_batch_size, device="cpu",

@@ -36,12 +36,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
-from continual.state import StateError, check_same, check_state
 from fedcl.atomic import write_bytes
+from fedcl.continual.state import StateError, check_same, check_state
 
 KIND = "fedcl.continual.online_ewc"
 VERSION = 1
@@ -256,17 +256,3 @@ class OnlineEWC:
                  "decay": float(meta.get("decay", "nan")), "tasks_seen": int(meta.get("tasks_seen", "0")),
                  "fisher": fisher, "anchor": anchor}
         self.load_state_dict(state, source=str(path))
-
-
-def dp_step(optimizer, *after_noise: Callable[[], None]):
-    """One Opacus `DPOptimizer` step with `after_noise` callbacks between noise and update.
-
-    Equivalent to ``optimizer.step()`` when no callback is given; e.g.
-    ``dp_step(opt, lambda: acc.add(model), lambda: ewc.add_penalty_gradient(model))``
-    records the released gradient, then adds the EWC gradient to it.
-    """
-    if not optimizer.pre_step():  # skipped step (virtual batches): nothing released
-        return None
-    for callback in after_noise:
-        callback()
-    return optimizer.original_optimizer.step()

@@ -1,4 +1,4 @@
-"""Continual-learning methods as small classes on lifecycle hooks, and a registry by name.
+"""Continual-learning methods as small classes on lifecycle hooks.
 
 A training loop drives a method through these hooks (each a no-op by default):
 
@@ -20,21 +20,21 @@ A training loop drives a method through these hooks (each a no-op by default):
 
 Methods hold their own state (`state_dict`/`load_state_dict`, `save`/`load`
 into the node's state folder) and never reach into the trainer. A new method
-is a new class plus a registry entry.
+is a new class plus an entry in `fedcl.continual.catalog`, which builds the
+method a config names.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from continual.ewc import OnlineEWC, compute_fisher
-from continual.replay import ReservoirBuffer, mix_batches
-from continual.state import StateError, check_state
-from fedcl.config import ContinualConfig, TrainConfig, avalanche_plugin
+from fedcl.continual.ewc import OnlineEWC, compute_fisher
+from fedcl.continual.replay import ReservoirBuffer, mix_batches
+from fedcl.continual.state import StateError, check_state
 
 VERSION = 1
 
@@ -207,33 +207,3 @@ class Combined(Method):
     def load(self, folder) -> None:
         for part in self.parts:
             part.load(folder)
-
-
-# -- settings and registry -----------------------------------------------------------
-
-def _replay(cfg: ContinualConfig, seed: int) -> Replay:
-    return Replay(cfg.replay_capacity, cfg.replay_ratio, seed, cfg.replay_balanced)
-
-
-def _ewc(cfg: ContinualConfig, seed: int) -> EWC:
-    return EWC(cfg.ewc_strength, cfg.ewc_decay, cfg.fisher_batch_size)
-
-
-METHODS: dict[str, Callable[[ContinualConfig, int], Method]] = {
-    "naive": lambda cfg, seed: Naive(),
-    "replay": _replay,
-    "ewc": _ewc,
-    "replay+ewc": lambda cfg, seed: Combined([_replay(cfg, seed), _ewc(cfg, seed)]),
-}
-
-
-def make_method(cfg: ContinualConfig, seed: int = 0, train: TrainConfig | None = None) -> Method:
-    """A fresh method object for `cfg.strategy` (`fedcl.config`'s [continual] section,
-    which validates the name); `seed` drives replay's draws (e.g. per node); `train`
-    sizes an Avalanche strategy's batches and optimiser."""
-    plugin = avalanche_plugin(cfg.strategy)
-    if plugin is not None:
-        from continual.avalanche_bridge import AvalancheMethod
-
-        return AvalancheMethod(plugin, cfg, train or TrainConfig())
-    return METHODS[cfg.strategy](cfg, seed)

@@ -24,8 +24,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from continual.state import StateError, check_same, check_state
 from fedcl.atomic import write_bytes
+from fedcl.continual.state import StateError, check_same, check_state
 
 KIND = "fedcl.continual.reservoir_buffer"
 VERSION = 1

@@ -13,6 +13,8 @@ COPY server server
 COPY client client
 COPY strategies strategies
 COPY continual continual
+COPY federation federation
+COPY ops ops
 RUN pip install -e . && useradd --uid 10001 --create-home fedcl \
     && mkdir -p /flwr-home /state /runs && chown fedcl /flwr-home /state /runs
 USER fedcl

@@ -10,6 +10,8 @@ COPY server server
 COPY client client
 COPY strategies strategies
 COPY continual continual
+COPY federation federation
+COPY ops ops
 RUN pip install -e . && useradd --uid 10001 --create-home fedcl \
     && mkdir -p /state && chown fedcl /state
 USER fedcl

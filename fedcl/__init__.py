@@ -1,6 +1,20 @@
-"""fedcl: federated and continual LoRA fine-tuning of DeepSeek-family models on Flower."""
+"""fedcl: federated and continual LoRA fine-tuning of DeepSeek-family models on Flower.
+
+One import namespace over the repository's folders (pyproject's package-dir):
+this folder is the plain-PyTorch kernel (`fedcl.config`, `fedcl.data`, ...);
+continual/ is `fedcl.continual`, federation/ `fedcl.federation`, strategies/
+`fedcl.strategies`, client/ `fedcl.client`, server/ `fedcl.server` and ops/
+`fedcl.ops`. The layers and what each may import are in the README and are
+checked by import-linter (`.importlinter`).
+"""
 
 import os as _os
+from pkgutil import extend_path as _extend_path
+
+# A Flower app bundle holds its own copy of this folder, found first on
+# sys.path when the SuperLink loads the apps; the installed fedcl's other
+# folders (fedcl/server, ...) are then reached through this extended path.
+__path__ = _extend_path(__path__, __name__)
 
 # fedcl never reaches a model hub or a telemetry endpoint at run time. These
 # are read when the libraries are imported, so they are set here, before any

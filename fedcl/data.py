@@ -16,22 +16,17 @@ This module imports neither torch nor flwr.
 
 from __future__ import annotations
 
-import codecs
-import csv
 import hashlib
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from fedcl import demo_data
 from fedcl.config import DataConfig, split_list
-
-
-class DataError(ValueError):
-    """A data file, value or split request is wrong; the message names the file, line and column."""
+from fedcl.records import DataError, as_str, decode_text, iter_csv_rows, iter_json_rows, missing_column
 
 
 @dataclass
@@ -54,97 +49,6 @@ def _rng(seed: int, *salt: int) -> np.random.Generator:
     return np.random.default_rng([seed & 0xFFFF_FFFF_FFFF_FFFF, *salt])
 
 
-# -- reading files -------------------------------------------------------------
-
-def _decode(data: bytes, source: str) -> str:
-    """UTF-8 text of `data` (a leading BOM dropped); bad bytes are reported by line."""
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        raise DataError(
-            f"{source}, line {line}, column {column}: not valid UTF-8 (byte 0x{data[err.start]:02x}); "
-            "save the file as UTF-8"
-        ) from None
-
-
-def _as_str(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"  # JSON's spelling, not Python's
-    if isinstance(value, (dict, list)):
-        return json.dumps(value, sort_keys=True, ensure_ascii=False)
-    return str(value)
-
-
-def _missing_column(source: str, where: str, column: str, found: list[str], key: str) -> DataError:
-    """The error for a missing column; `key` is the config field naming it ("label" -> data.label_column)."""
-    listed = ", ".join(repr(name) for name in found) or "none"
-    return DataError(f"{source}{where}: missing column {column!r} (columns found: {listed}); "
-                     f"set data.{key}_column to the right one")
-
-
-def iter_json_rows(text: str, source: str) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of JSON Lines text."""
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            hint = ""
-            if text.lstrip().startswith("["):
-                hint = "; expected one JSON object per line (JSON Lines), not a JSON array"
-            raise DataError(f"{source}, line {number}, column {err.colno}: invalid JSON: {err.msg}{hint}") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{source}, line {number}: expected a JSON object (one per line), "
-                            f"got {type(row).__name__} {line.strip()[:40]!r}")
-        yield number, row
-
-
-def iter_csv_rows(text: str, source: str, delimiter: str,
-                  required: dict[str, str] | None = None) -> Iterator[tuple[int, dict]]:
-    """(line where the record starts, {column: value}) for each data row; the header is line 1.
-
-    `required` maps each column the header must have to the config key that names it.
-    """
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
-    try:
-        header = next(reader, None)
-    except csv.Error as err:
-        raise DataError(f"{source}, line 1: cannot read the header: {err}") from None
-    if not header or not any(name.strip() for name in header):
-        return
-    header = [name.strip() for name in header]
-    duplicates = sorted({name for name in header if header.count(name) > 1})
-    if duplicates:
-        raise DataError(f"{source}, line 1: duplicate column names in the header: {', '.join(map(repr, duplicates))}")
-    for column, key in (required or {}).items():
-        if column not in header:  # said once here, not on every row
-            raise _missing_column(source, ", line 1", column, header, key)
-    last_line = reader.line_num
-    while True:
-        start = last_line + 1
-        try:
-            fields = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as err:
-            raise DataError(f"{source}, line {start}: cannot read the row: {err}") from None
-        last_line = reader.line_num
-        if not fields:  # a blank line
-            continue
-        if len(fields) != len(header):
-            hint = "; a quoted field may lack its closing quote" if any("\n" in f for f in fields) else ""
-            raise DataError(f"{source}, line {start}: expected {len(header)} fields (as in the header), "
-                            f"found {len(fields)}{hint}")
-        yield start, dict(zip(header, fields))
-
-
 def _required_columns(cfg: DataConfig) -> tuple[tuple[str, str], tuple[str, str]]:
     """((record key, column), (record key, column)) for the task's two fields."""
     if cfg.task == "classification":
@@ -157,12 +61,12 @@ def _to_record(row: dict, line: int, source: str, cfg: DataConfig, allowed: list
     columns = _required_columns(cfg)
     for key, column in columns:
         if column not in row:
-            raise _missing_column(source, f", line {line}", column, list(row), key)
+            raise missing_column(source, f", line {line}", column, list(row), key)
         value = row[column]
         if isinstance(value, (dict, list)):
             raise DataError(f"{source}, line {line}: column {column!r} must hold text, got a JSON "
                             f"{'object' if isinstance(value, dict) else 'array'}")
-        text = _as_str(value)
+        text = as_str(value)
         if not text.strip():
             raise DataError(f"{source}, line {line}: missing value in column {column!r}")
         record[key] = text
@@ -172,7 +76,7 @@ def _to_record(row: dict, line: int, source: str, cfg: DataConfig, allowed: list
             raise DataError(f"{source}, line {line}: unknown label {record['label']!r} in column "
                             f"{cfg.label_column!r}; allowed labels: {', '.join(allowed)}")
     used = {column for _, column in columns}
-    record["meta"] = {name: _as_str(value) for name, value in row.items() if name not in used}
+    record["meta"] = {name: as_str(value) for name, value in row.items() if name not in used}
     return record
 
 
@@ -185,7 +89,7 @@ def _read_records(path: str | Path, cfg: DataConfig, allowed: list[str] | None) 
                         "expected .jsonl or .json (one JSON object per line), .csv or .tsv")
     if not path.is_file():
         raise DataError(f"{source}: data file not found")
-    text = _decode(path.read_bytes(), source)
+    text = decode_text(path.read_bytes(), source)
     if suffix in _JSON_SUFFIXES:
         rows = iter_json_rows(text, source)
     else:
@@ -344,7 +248,6 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
         if cfg.test_path:
             raise DataError(f"data.test_path = {cfg.test_path!r} needs data.path: "
                             "a built-in demo brings its own test split")
-        from fedcl import demo_data  # here, not at the top: demo_data imports DataError from us
 
         train, test = demo_data.load_demo(cfg)
         if test is None:

@@ -22,7 +22,7 @@ from typing import Callable
 import pandas as pd
 
 from fedcl.config import DataConfig, split_list
-from fedcl.data import DataError, iter_csv_rows
+from fedcl.records import DataError, iter_csv_rows
 
 Records = list[dict]
 

@@ -10,13 +10,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-# Metric keys, in one place.
-ACCURACY = "accuracy"
-MACRO_F1 = "macro_f1"
-MAJORITY = "majority_baseline"
-LOSS = "loss"
-PERPLEXITY = "perplexity"
-NUM_EXAMPLES = "num_examples"
+from fedcl.keys import ACCURACY, LOSS, MACRO_F1, MAJORITY, NUM_EXAMPLES, PER_CLASS, PERPLEXITY
 
 
 def classification_report(y_true: list[int], y_pred: list[int], labels: list[str]) -> dict:
@@ -25,7 +19,7 @@ def classification_report(y_true: list[int], y_pred: list[int], labels: list[str
         raise ValueError(f"{len(y_true)} labels but {len(y_pred)} predictions")
     n = len(y_true)
     if n == 0:
-        return {ACCURACY: 0.0, MACRO_F1: 0.0, MAJORITY: 0.0, NUM_EXAMPLES: 0, "per_class": {}}
+        return {ACCURACY: 0.0, MACRO_F1: 0.0, MAJORITY: 0.0, NUM_EXAMPLES: 0, PER_CLASS: {}}
     per_class, f1s = {}, []
     for k, name in enumerate(labels):
         tp = sum(1 for t, p in zip(y_true, y_pred) if t == k and p == k)
@@ -43,7 +37,7 @@ def classification_report(y_true: list[int], y_pred: list[int], labels: list[str
         MACRO_F1: sum(f1s) / len(f1s) if f1s else 0.0,
         MAJORITY: counts.most_common(1)[0][1] / n,
         NUM_EXAMPLES: n,
-        "per_class": per_class,
+        PER_CLASS: per_class,
     }
 
 

@@ -17,6 +17,7 @@ import torch
 
 from fedcl import metrics
 from fedcl.config import ModelConfig, TrainConfig
+from fedcl.optim import build_optimizer
 from fedcl.tasks import Batch, ClassificationTask
 
 
@@ -65,7 +66,7 @@ def train_local(model, task, records: list, train_cfg: TrainConfig, model_cfg: M
     `mix(batches)` may rewrite the sampled batches (e.g. append replayed records).
     """
     params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    optimizer = build_optimizer(params, train_cfg)
     model.train()
     start, losses, examples, tokens = time.perf_counter(), [], 0, 0
     batches = sample_batches(records, train_cfg.batch_size, train_cfg.local_steps, seed)

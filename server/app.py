@@ -10,7 +10,7 @@ With continual learning on (data.task_column), the run has tasks x
 continual.rounds_per_task rounds; each round's ConfigRecord names its task,
 and `evaluate_fn` adds the zero-shot accuracies (before round 1) and one row
 of the accuracy matrix per finished task to metrics.json's ``continual``
-section, committed with the round (see fedcl/continual_session.py).
+section, committed with the round (see fedcl/continual/tracker.py).
 """
 
 from __future__ import annotations
@@ -23,14 +23,16 @@ import fedcl  # noqa: F401  (sets offline defaults before flwr loads)
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
+from fedcl import keys
 from fedcl.config import ConfigError, from_run_config
-from fedcl.continual_session import ServerContinual, resolve_rounds
+from fedcl.continual.schedule import resolve_rounds
+from fedcl.continual.tracker import ServerContinual
+from fedcl.federation.messages import arrays_to_state, state_to_arrays
 from fedcl.privacy import report as privacy_report
-from fedcl.progress import RoundProgress
+from fedcl.server.progress import RoundProgress
+from fedcl.rundir import RunDir
 from fedcl.session import GlobalEvaluator
-from server.checkpoint import RunDir
-from strategies import build_strategy
-from strategies.wire import arrays_to_state, state_to_arrays
+from fedcl.strategies import build_strategy
 
 logger = logging.getLogger("fedcl.server")
 app = ServerApp()
@@ -52,7 +54,7 @@ def main(grid: Grid, context: Context) -> None:
         "adapter_bytes": sum(t.numel() * 4 for t in evaluator.initial_state.values()),
     })
     if config.privacy.enabled:
-        metrics["privacy"] = {**metrics.get("privacy", {}), **privacy_report.run_section(config)}
+        metrics[keys.PRIVACY] = {**metrics.get(keys.PRIVACY, {}), **privacy_report.run_section(config)}
     done = run_dir.completed_rounds()
     continual = ServerContinual(config, evaluator, metrics, done) if config.continual_on else None
     remaining = config.federation.rounds - done
@@ -78,24 +80,24 @@ def main(grid: Grid, context: Context) -> None:
         started = time.perf_counter()
         if server_round == 0:
             if done == 0:
-                metrics["initial_eval"] = evaluator.evaluate(arrays_to_state(arrays))
+                metrics[keys.INITIAL_EVAL] = evaluator.evaluate(arrays_to_state(arrays))
                 if continual is not None:
                     continual.before_round_one(arrays_to_state(arrays))
-                progress.initial(metrics["initial_eval"])
+                progress.initial(metrics[keys.INITIAL_EVAL])
             return None
         state = arrays_to_state(arrays)
         result = evaluator.evaluate(state)
         evaluator.save(state, run_dir.adapter_dir(run_round))
-        record = strategy.records.pop(run_round, {"round": run_round})
-        record["eval"] = result
+        record = strategy.records.pop(run_round, {keys.ROUND: run_round})
+        record[keys.EVAL] = result
         if continual is not None:  # the matrix row is committed with the round
             continual.after_round(run_round, state, record)
-        if "privacy" in metrics:
-            privacy_report.note_clients(metrics["privacy"], record.get("clients", []))
-        record["server_eval_seconds"] = time.perf_counter() - started
-        if "started_at" in record:
-            record["round_seconds"] = time.time() - record.pop("started_at")
-        metrics["rounds"].append(record)
+        if keys.PRIVACY in metrics:
+            privacy_report.note_clients(metrics[keys.PRIVACY], record.get(keys.CLIENTS, []))
+        record[keys.SERVER_EVAL_SECONDS] = time.perf_counter() - started
+        if keys.STARTED_AT in record:
+            record[keys.ROUND_SECONDS] = time.time() - record.pop(keys.STARTED_AT)
+        metrics[keys.ROUNDS].append(record)
         run_dir.commit_round(metrics, run_round, strategy.state_dict())
         progress.round_done(record)
         return MetricRecord(numeric(result))

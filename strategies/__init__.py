@@ -1,14 +1,17 @@
 """Aggregation strategies on Flower's strategy interface, selectable by name.
 
-Every builder takes the run's config and returns a `LoraStrategy` (round
-bookkeeping, transport encoding, reply screening) over a Flower strategy.
+Every builder takes the run's config and returns a `strategies.strategy.FedclStrategy`:
+one Flower `Strategy` holding an inner Flower strategy for the aggregation
+math and the parts fedcl adds (round bookkeeping, reply screening, and, when
+the run asks for them, federated importance and client-level DP).
 `reply_template` is the clients' trainable adapter state at its seeded init:
 what a reply must look like.
 """
 
 from __future__ import annotations
 
-from strategies import fedavg, fedopt, flora, robust
+from fedcl.strategies import client_dp, fedavg, fedopt, flora, robust
+from fedcl.strategies.strategy import FedclStrategy
 
 BUILDERS = {
     "fedavg": fedavg.build,
@@ -24,15 +27,13 @@ BUILDERS = {
 }
 
 
-def build_strategy(config, *, round_offset: int = 0, reply_template: dict | None = None):
+def build_strategy(config, *, round_offset: int = 0, reply_template: dict | None = None) -> FedclStrategy:
     """The strategy named by `config.strategy.name`, resumed at `round_offset`.
 
     With client-level DP on (privacy.mode = "client") it is that strategy's
     equally weighted, clipped and noised variant (strategies/client_dp.py).
     """
     if config.privacy.enabled and config.privacy.mode == "client":
-        from strategies import client_dp
-
         return client_dp.build(config, round_offset=round_offset, reply_template=reply_template)
     try:
         builder = BUILDERS[config.strategy.name]

@@ -14,31 +14,31 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import FedAvg, FedProx
 
-from strategies.lora import LoraStrategy, finish, flower_kwargs
+from fedcl.strategies.strategy import FedclStrategy, compose, flower_kwargs
 
 
-class LoraFedAvg(LoraStrategy, FedAvg):
+class LoraFedAvg(FedclStrategy):
     """Flower's FedAvg with fedcl's bookkeeping, transport and screening."""
 
 
-class FfaLora(LoraStrategy, FedAvg):
+class FfaLora(FedclStrategy):
     """FedAvg over lora_B only; lora_A never leaves its seeded init."""
 
 
-class LoraFedProx(LoraStrategy, FedProx):
+class LoraFedProx(FedclStrategy):
     """Flower's FedProx (it also tells clients `proximal-mu` in the round config)."""
 
 
-def build(config, *, round_offset: int = 0, reply_template: dict | None = None) -> LoraFedAvg:
-    return finish(LoraFedAvg(**flower_kwargs(config)), config, round_offset=round_offset,
-                  reply_template=reply_template)
+def build(config, *, round_offset: int = 0, reply_template: dict | None = None) -> FedclStrategy:
+    return compose(LoraFedAvg, FedAvg(**flower_kwargs(config)), config, round_offset=round_offset,
+                   reply_template=reply_template)
 
 
-def build_ffa_lora(config, *, round_offset: int = 0, reply_template: dict | None = None) -> FfaLora:
-    return finish(FfaLora(**flower_kwargs(config)), config, round_offset=round_offset,
-                  reply_template=reply_template)
+def build_ffa_lora(config, *, round_offset: int = 0, reply_template: dict | None = None) -> FedclStrategy:
+    return compose(FfaLora, FedAvg(**flower_kwargs(config)), config, round_offset=round_offset,
+                   reply_template=reply_template)
 
 
-def build_fedprox(config, *, round_offset: int = 0, reply_template: dict | None = None) -> LoraFedProx:
-    strategy = LoraFedProx(**flower_kwargs(config), proximal_mu=config.strategy.proximal_mu)
-    return finish(strategy, config, round_offset=round_offset, reply_template=reply_template)
+def build_fedprox(config, *, round_offset: int = 0, reply_template: dict | None = None) -> FedclStrategy:
+    inner = FedProx(**flower_kwargs(config), proximal_mu=config.strategy.proximal_mu)
+    return compose(LoraFedProx, inner, config, round_offset=round_offset, reply_template=reply_template)

@@ -1,9 +1,10 @@
 """Server-side optimisers over the averaged adapter update: FedAdam, FedYogi, FedAvgM.
 
-Flower's classes do the math; these add fedcl's bookkeeping and make the
-optimiser's state (moments, momentum) part of `state_dict()`, so a resumed run
-continues exactly as an uninterrupted one would. They also see the run's round
-number (`RunRoundNumbers`), which FedAdam's bias correction depends on.
+Flower's classes do the math as the inner strategy; the parts here make the
+optimiser's state (moments, momentum) part of the strategy's `state_dict()`,
+so a resumed run continues exactly as an uninterrupted one would. The inner
+strategy is told the run's round number, which FedAdam's bias correction
+depends on (`FedclStrategy.aggregate_train`).
 """
 
 from __future__ import annotations
@@ -11,61 +12,72 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAdam, FedAvgM, FedYogi
+from flwr.serverapp.strategy.fedopt import FedOpt
 
-from strategies.lora import (LoraStrategy, RunRoundNumbers, decode_arrays, encode_arrays, finish,
-                             flower_kwargs)
+from fedcl.federation.messages import decode_arrays, encode_arrays
+from fedcl.strategies.strategy import FedclStrategy, compose, flower_kwargs
 
 
-class FedOptState:
-    """state_dict for Flower's FedOpt family: first and second moments."""
+class FedOptMoments:
+    """FedAdam's and FedYogi's first and second moments, saved and kept float32."""
 
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "m_t": encode_arrays(self.m_t),  # type: ignore[misc]
-                "v_t": encode_arrays(self.v_t)}  # type: ignore[attr-defined]
+    def __init__(self, inner: FedOpt) -> None:
+        self.inner = inner
 
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)  # type: ignore[misc]
-        self.m_t, self.v_t = decode_arrays(state.get("m_t")), decode_arrays(state.get("v_t"))
-
-    def aggregate_train(self, server_round, replies):
-        result = super().aggregate_train(server_round, replies)  # type: ignore[misc]
+    def after_aggregate(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
         # Keep the moments float32, as they are saved: whether numpy promotes
         # them to float64 depends on its promotion mode, and a resumed run must
         # continue from exactly what an uninterrupted one holds in memory.
-        for name in ("m_t", "v_t"):
-            moments = getattr(self, name)
-            if moments:
-                setattr(self, name, {k: np.asarray(v, dtype=np.float32) for k, v in moments.items()})
-        arrays, metrics = result
-        if arrays is not None:  # the global adapter is float32 wherever it is kept
-            arrays = ArrayRecord({k: Array(np.asarray(a.numpy(), dtype=np.float32)) for k, a in arrays.items()})
-        return arrays, metrics
+        if self.inner.m_t:
+            self.inner.m_t = {k: np.asarray(v, dtype=np.float32) for k, v in self.inner.m_t.items()}
+        if self.inner.v_t:
+            self.inner.v_t = {k: np.asarray(v, dtype=np.float32) for k, v in self.inner.v_t.items()}
+        if arrays is None:
+            return None
+        # the global adapter is float32 wherever it is kept
+        return ArrayRecord({k: Array(np.asarray(a.numpy(), dtype=np.float32)) for k, a in arrays.items()})
 
-
-class LoraFedAdam(FedOptState, LoraStrategy, RunRoundNumbers, FedAdam):
-    pass
-
-
-class LoraFedYogi(FedOptState, LoraStrategy, RunRoundNumbers, FedYogi):
-    pass
-
-
-class LoraFedAvgM(LoraStrategy, FedAvgM):
     def state_dict(self) -> dict:
-        vector = self.momentum_vector
-        # A resumed strategy has its momentum before it has seen a global adapter.
-        keys = list(self.current_arrays.keys()) if self.current_arrays is not None \
-            else getattr(self, "momentum_keys", [])
-        return {**super().state_dict(),
-                "momentum": None if vector is None else encode_arrays(dict(zip(keys, vector, strict=True)))}
+        return {"m_t": encode_arrays(self.inner.m_t), "v_t": encode_arrays(self.inner.v_t)}
 
     def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
+        self.inner.m_t, self.inner.v_t = decode_arrays(state.get("m_t")), decode_arrays(state.get("v_t"))
+
+
+class FedAvgMMomentum:
+    """FedAvgM's server momentum, saved by parameter name."""
+
+    def __init__(self, inner: FedAvgM) -> None:
+        self.inner = inner
+        self.momentum_keys: list[str] = []  # a resumed run's names, before it has seen a global
+
+    def after_aggregate(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        return arrays
+
+    def state_dict(self) -> dict:
+        vector = self.inner.momentum_vector
+        current = self.inner.current_arrays
+        names = list(current.keys()) if current is not None else self.momentum_keys
+        return {"momentum": None if vector is None else encode_arrays(dict(zip(names, vector, strict=True)))}
+
+    def load_state_dict(self, state: dict) -> None:
         momentum = decode_arrays(state.get("momentum"))
         # Flower keeps the vector as a list in the global adapter's key order,
         # which a resumed run's first global (the saved adapter) shares.
-        self.momentum_vector = None if momentum is None else list(momentum.values())
+        self.inner.momentum_vector = None if momentum is None else list(momentum.values())
         self.momentum_keys = [] if momentum is None else list(momentum)
+
+
+class LoraFedAdam(FedclStrategy):
+    """Flower's FedAdam over the averaged adapter update."""
+
+
+class LoraFedYogi(FedclStrategy):
+    """Flower's FedYogi over the averaged adapter update."""
+
+
+class LoraFedAvgM(FedclStrategy):
+    """Flower's FedAvgM: FedAvg with server learning rate and momentum."""
 
 
 def _fedopt_kwargs(config) -> dict:
@@ -74,18 +86,20 @@ def _fedopt_kwargs(config) -> dict:
                 beta_2=s.beta_2, tau=s.tau)
 
 
-def build_fedadam(config, *, round_offset: int = 0, reply_template: dict | None = None) -> LoraFedAdam:
-    return finish(LoraFedAdam(**_fedopt_kwargs(config)), config, round_offset=round_offset,
-                  reply_template=reply_template)
+def build_fedadam(config, *, round_offset: int = 0, reply_template: dict | None = None) -> FedclStrategy:
+    inner = FedAdam(**_fedopt_kwargs(config))
+    return compose(LoraFedAdam, inner, config, round_offset=round_offset, reply_template=reply_template,
+                   inner_state=FedOptMoments(inner))
 
 
-def build_fedyogi(config, *, round_offset: int = 0, reply_template: dict | None = None) -> LoraFedYogi:
-    return finish(LoraFedYogi(**_fedopt_kwargs(config)), config, round_offset=round_offset,
-                  reply_template=reply_template)
+def build_fedyogi(config, *, round_offset: int = 0, reply_template: dict | None = None) -> FedclStrategy:
+    inner = FedYogi(**_fedopt_kwargs(config))
+    return compose(LoraFedYogi, inner, config, round_offset=round_offset, reply_template=reply_template,
+                   inner_state=FedOptMoments(inner))
 
 
-def build_fedavgm(config, *, round_offset: int = 0, reply_template: dict | None = None) -> LoraFedAvgM:
+def build_fedavgm(config, *, round_offset: int = 0, reply_template: dict | None = None) -> FedclStrategy:
     s = config.strategy
-    strategy = LoraFedAvgM(**flower_kwargs(config), server_learning_rate=s.momentum_lr,
-                           server_momentum=s.momentum)
-    return finish(strategy, config, round_offset=round_offset, reply_template=reply_template)
+    inner = FedAvgM(**flower_kwargs(config), server_learning_rate=s.momentum_lr, server_momentum=s.momentum)
+    return compose(LoraFedAvgM, inner, config, round_offset=round_offset, reply_template=reply_template,
+                   inner_state=FedAvgMMomentum(inner))

@@ -8,13 +8,13 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from client.app import app as client_app
+from fedcl.client.app import app as client_app
 from fedcl.adapters import adapter_state, load_adapter_state
 from fedcl.config import load_config
 from fedcl.session import GlobalEvaluator
-from server.app import main as server_main
-from strategies.wire import arrays_to_state, message_bytes, state_to_arrays
-from tests.inprocess import InProcessGrid, server_context
+from fedcl.server.app import main as server_main
+from fedcl.federation.messages import arrays_to_state, message_bytes, state_to_arrays
+from fedcl.federation.grid import InProcessGrid, server_context
 
 SMALL = ["model.name=tiny-llama", "data.max_records=60", "data.max_test_records=24",
          "train.local_steps=2", "train.batch_size=4", "federation.clients=2",
@@ -58,8 +58,8 @@ def test_run_writes_metrics_and_peft_adapters(tmp_path):
     loaded = PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapters" / "round-2"))
     evaluator = GlobalEvaluator(config)
     ids = torch.tensor([[5, 6, 7, 8]])
-    from server.app import _load_round
-    from server.checkpoint import RunDir
+    from fedcl.server.app import _load_round
+    from fedcl.rundir import RunDir
     load_adapter_state(evaluator.shared.model, _load_round(evaluator, RunDir(tmp_path / "run"), 2))
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, evaluator.shared.model(input_ids=ids).logits,

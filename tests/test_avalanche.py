@@ -7,9 +7,9 @@ import torch
 
 pytest.importorskip("avalanche", reason="avalanche-lib is installed by `make install`")
 
-from continual import metrics as clm  # noqa: E402
-from continual.avalanche_bridge import AvalancheMethod, avalanche_transfer  # noqa: E402
-from continual.methods import make_method  # noqa: E402
+from fedcl.continual import metrics as clm  # noqa: E402
+from fedcl.continual.avalanche_bridge import AvalancheMethod, avalanche_transfer  # noqa: E402
+from fedcl.continual.catalog import make_method  # noqa: E402
 from fedcl.adapters import adapter_state, load_adapter_state  # noqa: E402
 from fedcl.config import ConfigError, ContinualConfig, TrainConfig, load_config  # noqa: E402
 from fedcl.train import train_local  # noqa: E402

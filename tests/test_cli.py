@@ -1,4 +1,4 @@
-"""Tests of the `fedcl` command line, in-process through `fedcl.cli.main`.
+"""Tests of the `fedcl` command line, in-process through `fedcl.ops.cli.main`.
 
 Every error here must surface before the run starts: exit status 2, a message
 naming the key, value or file, and no run folder. The server app creates the
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedcl.cli import build_parser, main, preflight, resolve_config
+from fedcl.ops.cli import build_parser, main, preflight, resolve_config
 from fedcl.config import Config
 
 TINY = ["--model", "tiny-llama"]

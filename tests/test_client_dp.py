@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-import server.app as server_app
-from client.app import app as client_app
+import fedcl.server.app as server_app
+from fedcl.client.app import app as client_app
 from fedcl.config import ConfigError, load_config
 from fedcl.privacy.accounting import client_plan
-from strategies import client_dp
-from strategies.wire import arrays_to_state
-from tests.inprocess import InProcessGrid, server_context
+from fedcl.strategies import client_dp
+from fedcl.federation.messages import arrays_to_state
+from fedcl.federation.grid import InProcessGrid, server_context
 
 pytestmark = pytest.mark.privacy
 
@@ -146,7 +146,7 @@ def test_client_mode_conflicts_are_rejected(overrides, key):
 
 
 def test_client_mode_builds_the_dp_strategy_and_clients_skip_dp_sgd(tmp_path):
-    from strategies import build_strategy
+    from fedcl.strategies import build_strategy
     config = small_config(tmp_path, "privacy.noise_multiplier=1", "strategy.name=ffa-lora")
     strategy = build_strategy(config)
     assert isinstance(strategy, client_dp.ClientDPFfaLora)

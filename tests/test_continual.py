@@ -10,13 +10,15 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from continual import metrics as clm
-from continual.ewc import (GradSquareAccumulator, OnlineEWC, aggregate_fisher, compute_fisher, dp_step,
-                           fisher_from_grads)
-from continual.methods import EWC, METHODS, Combined, Naive, Replay, make_method
-from continual.replay import ReservoirBuffer, mix_batches, replay_count
-from continual.state import StateError
-from continual.streams import StreamError, Task, by_label_groups, by_period, client_share, from_files, parse_date
+from fedcl.continual import metrics as clm
+from fedcl.continual.ewc import (GradSquareAccumulator, OnlineEWC, aggregate_fisher, compute_fisher,
+                                 fisher_from_grads)
+from fedcl.privacy.dpsgd import dp_step
+from fedcl.continual.catalog import METHODS, make_method
+from fedcl.continual.methods import EWC, Combined, Naive, Replay
+from fedcl.continual.replay import ReservoirBuffer, mix_batches, replay_count
+from fedcl.continual.state import StateError
+from fedcl.continual.streams import StreamError, Task, by_label_groups, by_period, client_share, from_files, parse_date
 from fedcl.config import ConfigError, ContinualConfig, DataConfig
 
 pytestmark = pytest.mark.continual

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from continual import metrics as clm
-from continual.ewc import OnlineEWC
+from fedcl.continual import metrics as clm
+from fedcl.continual.ewc import OnlineEWC
 from fedcl.config import ConfigError, load_config
-from fedcl.continual_session import build_stream, ends_task, task_of_round
+from fedcl.continual.schedule import build_stream, ends_task, task_of_round
 from tests.test_apps import run_server
 
 pytestmark = pytest.mark.continual
@@ -108,7 +108,7 @@ def test_an_avalanche_plugin_runs_in_the_federation(tmp_path, small):
 @pytest.mark.privacy
 def test_avalanche_lwf_runs_under_dp_sgd_with_its_teacher(tmp_path, small, monkeypatch):
     pytest.importorskip("avalanche", reason="avalanche-lib is installed by `make install`")
-    from continual.avalanche_bridge import AvalancheMethod, VerbalizerClassifier, pack
+    from fedcl.continual.avalanche_bridge import AvalancheMethod, VerbalizerClassifier, pack
 
     distilled = []  # LwF's term in DP-SGD's loss, once a task is closed
     original = AvalancheMethod.dp_batch_loss
@@ -175,7 +175,7 @@ def test_resume_mid_stream_keeps_the_matrix(tmp_path, small):
     config = small("continual.strategy=replay")
     T = len(build_stream(config.data, config.train.seed))
     # A first run killed right after round 2's commit (of 3), then resumed.
-    from server.checkpoint import RunDir
+    from fedcl.rundir import RunDir
 
     original = RunDir.commit_round
 
@@ -200,7 +200,7 @@ def test_resume_mid_stream_keeps_the_matrix(tmp_path, small):
 
 
 def test_report_draws_the_continual_figures(tmp_path):
-    from fedcl.report import continual_figures, write_report
+    from fedcl.ops.report import continual_figures, write_report
 
     run = tmp_path / "run"
     run.mkdir()
@@ -215,8 +215,8 @@ def test_report_draws_the_continual_figures(tmp_path):
 
 
 def test_federated_importance_is_averaged_and_anchors_every_client(tmp_path, small):
-    from continual.methods import EWC
-    from strategies.wire import arrays_to_state
+    from fedcl.continual.methods import EWC
+    from fedcl.federation.messages import arrays_to_state
 
     config = small("continual.strategy=ewc", "continual.federated_importance=true", "train.local_steps=2")
     sent_up = []  # (round, examples, importance) as each client sent it
@@ -291,7 +291,7 @@ def test_bad_label_groups_are_refused_with_the_key():
         load_config(None, ["data.task_groups=Acne; Pain", "data.task_column=date"])
     with pytest.raises(ConfigError, match="continual.task_presence"):
         load_config(None, ["continual.task_presence=0"])
-    from continual.streams import StreamError
+    from fedcl.continual.streams import StreamError
 
     config = load_config(None, ["data.max_records=36", "data.task_groups=Acne; Pain; Depression; Nope"])
     with pytest.raises(StreamError, match="'Nope'"):

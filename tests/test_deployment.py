@@ -76,8 +76,8 @@ class Deployment:
     """The processes of one test deployment; `stop_all` ends every one by id."""
 
     def __init__(self, root: Path):
-        from fedcl.deploy import launch
-        from fedcl.deploy.certs import generate_certs
+        from fedcl.ops.deploy import launch
+        from fedcl.ops.deploy.certs import generate_certs
 
         self.L = launch
         self.root = root
@@ -144,7 +144,7 @@ def test_tls_auth_deployment_survives_a_dead_node_and_a_superlink_restart(deploy
         dep.start_node(name, i, data[name])
 
     # Refused: a key the SuperLink never registered, and a node that trusts another CA.
-    from fedcl.deploy.certs import generate_certs
+    from fedcl.ops.deploy.certs import generate_certs
 
     stranger_ca = generate_certs(tmp_path / "other-ca", ["x"]).ca_cert
     rogue = dep.start_node("unregistered", 0, data["hospital-a"])
@@ -210,7 +210,7 @@ def test_tls_auth_deployment_survives_a_dead_node_and_a_superlink_restart(deploy
     from fedcl.config import load_config
 
     registry = tmp_path / "registry"
-    done = subprocess.run([sys.executable, "-m", "fedcl.cli", "update", "--registry", str(registry),
+    done = subprocess.run([sys.executable, "-m", "fedcl.ops.cli", "update", "--registry", str(registry),
                            "--deployment", CONNECTION, "--app", str(app), "--config", run_config["config"],
                            "--rounds", "1"], env=L.flwr_env(dep.home), capture_output=True, text=True,
                           timeout=400)
@@ -227,7 +227,7 @@ def test_certs_are_written_with_private_modes(tmp_path):
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-    from fedcl.deploy.certs import generate_certs
+    from fedcl.ops.deploy.certs import generate_certs
 
     files = generate_certs(tmp_path / "k", ["hospital-a", "hospital-b"], hosts=["10.1.2.3", "link.example"])
     for private in (files.ca_key, files.server_key, files.node_key("hospital-a")):
@@ -245,7 +245,7 @@ def test_certs_are_written_with_private_modes(tmp_path):
 @pytest.mark.parametrize("names, message", [
     ([], "at least one"), (["Hospital A"], "lowercase"), (["a", "a"], "more than once")])
 def test_certs_refuse_bad_institution_names(tmp_path, names, message):
-    from fedcl.deploy.certs import CertError, generate_certs
+    from fedcl.ops.deploy.certs import CertError, generate_certs
 
     with pytest.raises(CertError, match=message):
         generate_certs(tmp_path / "k", names)
@@ -253,7 +253,7 @@ def test_certs_refuse_bad_institution_names(tmp_path, names, message):
 
 
 def test_certs_refuse_to_overwrite(tmp_path):
-    from fedcl.deploy.certs import CertError, generate_certs
+    from fedcl.ops.deploy.certs import CertError, generate_certs
 
     generate_certs(tmp_path, ["a"])
     with pytest.raises(CertError, match="already holds a CA"):
@@ -265,11 +265,12 @@ def test_nothing_but_adapter_arrays_and_numbers_leaves_a_client(tmp_path):
     arrays named like adapter tensors and numeric metrics: no text, no token ids."""
     from flwr.app import Message
 
-    from client.app import with_run_config
+    from fedcl.client.app import app as client_app
+    from fedcl.federation.engine import with_run_config
     from fedcl import data as fdata
     from fedcl.config import load_config
-    from server.app import main as server_main
-    from tests.inprocess import InProcessGrid, server_context
+    from fedcl.server.app import main as server_main
+    from fedcl.federation.grid import InProcessGrid, server_context
 
     config = load_config(None, ["model.name=tiny-llama", "data.max_records=48", "data.max_test_records=16",
                                 "train.local_steps=2", "train.batch_size=4", "federation.clients=2",
@@ -283,7 +284,7 @@ def test_nothing_but_adapter_arrays_and_numbers_leaves_a_client(tmp_path):
         seen.append(reply)
         return reply
 
-    grid = InProcessGrid(with_run_config(run_config), 2, run_config, intercept=capture)
+    grid = InProcessGrid(with_run_config(client_app, run_config), 2, run_config, intercept=capture)
     server_main(grid, server_context(run_config))
     assert len(seen) == 2 * 2 * 2  # 2 clients x 2 rounds x (train + evaluate)
     for reply in seen:
@@ -306,8 +307,8 @@ def test_compose_runs_the_commands_the_native_test_runs():
     """docker/compose.yml uses the flags of launch.superlink_command / supernode_command."""
     import yaml
 
-    from fedcl.deploy import launch
-    from fedcl.deploy.certs import DeployFiles
+    from fedcl.ops.deploy import launch
+    from fedcl.ops.deploy.certs import DeployFiles
 
     compose = yaml.safe_load((REPO / "docker" / "compose.yml").read_text())
     services = compose["services"]
@@ -330,7 +331,7 @@ def test_compose_runs_the_commands_the_native_test_runs():
 
 
 def test_fedcl_deploy_certs_command(tmp_path, capsys):
-    from fedcl.cli import main
+    from fedcl.ops.cli import main
 
     assert main(["deploy", "certs", "--out", str(tmp_path / "k"), "--institutions", "hospital-a,hospital-b",
                  "--host", "10.0.0.7"]) == 0
@@ -343,14 +344,15 @@ def test_fedcl_deploy_certs_command(tmp_path, capsys):
 
 def test_deployed_nodes_read_their_own_files_whatever_their_id(tmp_path):
     """Node config as a deployed SuperNode gives it: data-file, state-dir, partition-id 0..2."""
-    from client.app import with_run_config
-    from server.app import main as server_main
-    from tests.inprocess import InProcessGrid, server_context
+    from fedcl.client.app import app as client_app
+    from fedcl.federation.engine import with_run_config
+    from fedcl.server.app import main as server_main
+    from fedcl.federation.grid import InProcessGrid, server_context
 
     data = write_data(tmp_path)
     run_config = {"config": str(write_run_config(tmp_path / "deploy.toml", data["server"], dp=False)),
                   "federation.rounds": 1, "run.out_dir": str(tmp_path / "run")}
-    grid = InProcessGrid(with_run_config(run_config), 3, run_config)
+    grid = InProcessGrid(with_run_config(client_app, run_config), 3, run_config)
     for i, node in enumerate(grid.node_ids):
         grid.contexts[node].node_config = {"data-file": str(data[INSTITUTIONS[i]]), "partition-id": i,
                                            "state-dir": str(tmp_path / "state" / INSTITUTIONS[i])}

@@ -14,7 +14,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from client.app import app as client_app
+from fedcl.client.app import app as client_app
 from fedcl import data
 from fedcl.adapters import adapter_state, load_adapter_state
 from fedcl.config import ConfigError, load_config
@@ -25,9 +25,9 @@ from fedcl.privacy.dpsgd import train_private
 from fedcl.session import Shared
 from fedcl.tasks import Batch
 from fedcl.train import train_local, trainable_parameters
-from server.app import main as server_main
-from strategies.wire import state_to_arrays
-from tests.inprocess import InProcessGrid, server_context
+from fedcl.server.app import main as server_main
+from fedcl.federation.messages import state_to_arrays
+from fedcl.federation.grid import InProcessGrid, server_context
 
 pytestmark = pytest.mark.privacy
 
@@ -279,7 +279,7 @@ def test_conflicting_privacy_settings_are_rejected(overrides, key):
     (["privacy.noise_multiplier=0.5", "privacy.budget_epsilon=0.01"], "privacy.budget_epsilon"),
 ])
 def test_settings_checked_against_client_data_before_any_write(tmp_path, capsys, extra, key):
-    from fedcl.cli import main
+    from fedcl.ops.cli import main
 
     out = tmp_path / "run"
     args = ["simulate", "--model", "tiny-llama", "--clients", "2", "--out", str(out),
@@ -332,11 +332,11 @@ def test_dp_run_reports_growing_epsilon_and_continues_across_runs(tmp_path):
 _CLIENT_ROUND = """
 import sys
 from flwr.app import ConfigRecord, Message, RecordDict
-from client.app import app
+from fedcl.client.app import app
 from fedcl.config import load_config
 from fedcl.session import GlobalEvaluator
-from strategies.wire import state_to_arrays
-from tests.inprocess import InProcessGrid
+from fedcl.federation.messages import state_to_arrays
+from fedcl.federation.grid import InProcessGrid
 config = load_config(None, sys.argv[1:])
 grid = InProcessGrid(app, 2, config.to_flat())
 msg = Message(content=RecordDict({"arrays": state_to_arrays(GlobalEvaluator(config).initial_state),

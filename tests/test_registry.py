@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from continual import registry as registry_module
-from continual.registry import Registry, RegistryError
-from continual.update import UpdateError, format_versions, run_update
+from fedcl.continual import registry as registry_module
+from fedcl.continual.registry import Registry, RegistryError
+from fedcl.ops.update import UpdateError, format_versions, run_update
 
 pytestmark = pytest.mark.continual
 
@@ -149,9 +149,9 @@ def write_drop(path, seed: int, n: int = 24) -> str:
 
 
 def inprocess_runner(config):
-    from client.app import app as client_app
-    from server.app import main as server_main
-    from tests.inprocess import InProcessGrid, server_context
+    from fedcl.client.app import app as client_app
+    from fedcl.server.app import main as server_main
+    from fedcl.federation.grid import InProcessGrid, server_context
 
     flat = config.to_flat()
     server_main(InProcessGrid(client_app, config.federation.clients, flat), server_context(flat))
@@ -189,7 +189,7 @@ def test_update_commits_versions_from_the_parent_adapter(tmp_path):
 
 
 def test_cli_versions_lists_lineage(tmp_path, capsys):
-    from fedcl.cli import main
+    from fedcl.ops.cli import main
 
     reg = Registry(tmp_path / "reg")
     commit_one(reg, metrics={"old": {"accuracy": 0.5}, "new": {"accuracy": 0.6}},
@@ -203,9 +203,9 @@ def test_cli_versions_lists_lineage(tmp_path, capsys):
 def deployed_runner(files, state_root):
     """The real apps in-process, each node configured as a SuperNode is: its own data-file and state-dir."""
     def run(config):
-        from client.app import app as client_app
-        from server.app import main as server_main
-        from tests.inprocess import InProcessGrid, server_context
+        from fedcl.client.app import app as client_app
+        from fedcl.server.app import main as server_main
+        from fedcl.federation.grid import InProcessGrid, server_context
 
         flat = config.to_flat()
         grid = InProcessGrid(client_app, len(files), flat)
@@ -219,7 +219,7 @@ def deployed_runner(files, state_root):
 def test_deployed_update_records_each_nodes_fingerprint_and_chains_versions(tmp_path):
     from fedcl import data
     from fedcl.config import load_config
-    from continual.update import run_deployed_update
+    from fedcl.ops.update import run_deployed_update
 
     server_file = write_drop(tmp_path / "server.jsonl", 9)
     base = load_config(None, SMALL + ["federation.clients=2", "data.dataset=", f"data.path={server_file}"])
@@ -241,7 +241,7 @@ def test_deployed_update_records_each_nodes_fingerprint_and_chains_versions(tmp_
 
 def test_fingerprint_words_round_trip_and_bad_words_are_refused():
     from fedcl.data import fingerprint_words
-    from continual.update import words_fingerprint
+    from fedcl.ops.update import words_fingerprint
 
     digest = "0123456789abcdef" * 4
     assert words_fingerprint(fingerprint_words(digest)) == digest

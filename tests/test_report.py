@@ -1,6 +1,6 @@
-"""Tests of fedcl.report: the PNG curves of a run folder, and its errors.
+"""Tests of fedcl.ops.report: the PNG curves of a run folder, and its errors.
 
-The run folders here are written by hand in the schema `server.checkpoint`
+The run folders here are written by hand in the schema `fedcl.rundir`
 writes; the report only reads metrics.json, so no federation needs to run.
 """
 
@@ -11,8 +11,8 @@ import re
 
 import pytest
 
-from fedcl.cli import main
-from fedcl.report import (
+from fedcl.ops.cli import main
+from fedcl.ops.report import (
     ReportError,
     accuracy_figure,
     bytes_figure,

@@ -10,16 +10,16 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from client.app import app as client_app
+from fedcl.client.app import app as client_app
 from fedcl import flora
 from fedcl.config import STRATEGY_NAMES, ConfigError, load_config
 from fedcl.session import GlobalEvaluator
-from server.app import main as server_main
-from strategies import build_strategy
-from strategies.flora import aggregate_stacked
-from strategies.wire import (SCALE_SUFFIX, arrays_to_state, decode_update, encode_reply,
+from fedcl.server.app import main as server_main
+from fedcl.strategies import build_strategy
+from fedcl.strategies.flora import aggregate_stacked
+from fedcl.federation.messages import (SCALE_SUFFIX, arrays_to_state, decode_update, encode_reply,
                              state_to_arrays)
-from tests.inprocess import InProcessGrid, server_context, set_task_identity
+from fedcl.federation.grid import InProcessGrid, server_context, set_task_identity
 
 pytestmark = pytest.mark.strategies
 
@@ -321,7 +321,7 @@ def test_optimiser_state_dict_round_trip(name):
 # -- federated importance (continual.federated_importance) ----------------------------------
 
 def test_importance_checks_and_the_shared_importance_survives_a_restart():
-    from continual.ewc import check_importance
+    from fedcl.continual.ewc import check_importance
 
     reference = OrderedDict(a=torch.zeros(2, 3), b=torch.zeros(4))
     good = OrderedDict(a=torch.rand(2, 3), b=torch.rand(4))

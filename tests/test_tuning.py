@@ -14,12 +14,12 @@ from pathlib import Path
 import optuna
 import pytest
 
-from client.app import app as client_app
+from fedcl.client.app import app as client_app
 from fedcl.config import load_config
-from fedcl.tuning import SpaceError, TuneOptions, parse_space, run_study
-from server.app import main as server_main
-from server.checkpoint import RunDir
-from tests.inprocess import InProcessGrid, server_context
+from fedcl.ops.tuning import SpaceError, TuneOptions, parse_space, run_study
+from fedcl.server.app import main as server_main
+from fedcl.rundir import RunDir
+from fedcl.federation.grid import InProcessGrid, server_context
 
 pytestmark = pytest.mark.tuning
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -95,7 +95,7 @@ def test_grid_needs_discrete_values(base):
 @pytest.mark.parametrize("text, ok", [("accuracy", True), ("macro_f1", True), ("recall:Acne", True),
                                       ("f1", False), ("recall", False), ("accuracy:Acne", False)])
 def test_objective_names(text, ok):
-    from fedcl.tuning import Objective, TuneError
+    from fedcl.ops.tuning import Objective, TuneError
 
     if ok:
         assert Objective.parse(text).name == text
@@ -106,8 +106,8 @@ def test_objective_names(text, ok):
 
 def test_recall_objective_must_name_a_class(base):
     from fedcl.config import ConfigError
-    from fedcl.tuning import Objective
-    from fedcl.tuning.study import check_objective
+    from fedcl.ops.tuning import Objective
+    from fedcl.ops.tuning.study import check_objective
 
     check_objective(base, Objective.parse("recall:Acne"))
     with pytest.raises(ConfigError, match="no class 'Nope'.*Acne"):
@@ -206,8 +206,8 @@ def test_the_median_pruner_stops_a_poor_trial_after_its_first_round(tmp_path, ba
 
 
 def test_multi_objective_front_and_pick(tmp_path, base, capsys):
-    from fedcl.tuning.report import print_report
-    from fedcl.tuning.study import write_best
+    from fedcl.ops.tuning.report import print_report
+    from fedcl.ops.tuning.study import write_best
 
     runner = FakeRunner({0: [0.5], 1: [0.9], 2: [0.4]})  # epsilon grows with the trial number
     study = run_study(base, parse_space(LR, base), tmp_path,

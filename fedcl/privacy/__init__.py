@@ -9,12 +9,18 @@
 Nothing here imports Flower.
 """
 
-from fedcl.privacy.accounting import DPPlan, calibrate_noise, epsilon, plan_for
-from fedcl.privacy.client import (STATUS_BUDGET_EXHAUSTED, STATUS_OK, ClientPrivacy, Verdict,
-                                  client_privacy, state_dir_for)
+from fedcl.privacy.accounting import DPPlan, calibrate_noise, client_level_plan, epsilon, plan_for, sample_plan
+from fedcl.privacy.client import (
+    STATUS_BUDGET_EXHAUSTED,
+    STATUS_OK,
+    ClientPrivacy,
+    Verdict,
+    client_privacy,
+    state_dir_for,
+)
 from fedcl.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
 
-__all__ = ["DPPlan", "calibrate_noise", "epsilon", "plan_for", "ClientPrivacy", "Verdict",
+__all__ = ["DPPlan", "calibrate_noise", "epsilon", "plan_for", "sample_plan", "client_level_plan", "ClientPrivacy", "Verdict",
            "client_privacy", "state_dir_for", "STATUS_OK", "STATUS_BUDGET_EXHAUSTED",
            "LEDGER_FILE", "LedgerError", "PrivacyLedger", "train_private"]
 

@@ -5,6 +5,11 @@ The accountant is Opacus' own (RDP or PRV), fed a history of
 recomputed from scratch. `plan_for` fixes one client's DP-SGD parameters for a
 run, once, before any training: the noise is calibrated to the whole planned
 schedule (every local step of every round), never per round.
+
+`sample_plan(config, num_records)` and `client_level_plan(config)` are the one
+place a run's configuration becomes a plan: every caller (the ClientApp, the
+continual node, the pre-flight, the server's privacy report, the client-level
+strategy) goes through them, so the settings a plan reads are named once.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import functools
 import math
 from dataclasses import asdict, dataclass
 
-from fedcl.config import ConfigError, PrivacyConfig
+from fedcl.config import Config, ConfigError, PrivacyConfig
 
 History = list[tuple[float, float, int]]
 
@@ -93,6 +98,13 @@ def plan_for(cfg: PrivacyConfig, *, num_records: int, batch_size: int, local_ste
     return plan
 
 
+def sample_plan(config: Config, num_records: int) -> DPPlan:
+    """The sample-level DP plan of a client holding `num_records` training records under `config`."""
+    return plan_for(config.privacy, num_records=num_records, batch_size=config.train.batch_size,
+                    local_steps=config.train.local_steps, rounds=config.federation.rounds,
+                    proximal_mu=config.strategy.client_proximal_mu)
+
+
 @dataclass(frozen=True)
 class ClientDPPlan:
     """Client-level DP of a run (privacy.mode = "client"), fixed before round 1.
@@ -137,3 +149,10 @@ def client_plan(cfg: PrivacyConfig, *, clients: int, clients_per_round: int, rou
         accountant=cfg.accountant)
     return ClientDPPlan(noise_multiplier=noise, clip=cfg.max_grad_norm, sample_rate=sample_rate,
                         num_sampled=sampled, rounds=rounds, delta=cfg.delta, accountant=cfg.accountant)
+
+
+def client_level_plan(config: Config) -> ClientDPPlan:
+    """The client-level DP plan of the run `config` describes."""
+    fed = config.federation
+    return client_plan(config.privacy, clients=fed.clients, clients_per_round=fed.clients_per_round,
+                       rounds=fed.rounds)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedcl.config import Config
-from fedcl.privacy.accounting import DPPlan, plan_for
+from fedcl.privacy.accounting import DPPlan, sample_plan
 from fedcl.privacy.ledger import LEDGER_FILE, PrivacyLedger
 
 logger = logging.getLogger("fedcl.privacy")
@@ -94,9 +94,7 @@ class ClientPrivacy:
 @functools.lru_cache(maxsize=64)
 def client_privacy(config: Config, client_id: int, num_records: int, state_dir: Path) -> ClientPrivacy:
     """The guard of one client for one configuration; the plan is computed once."""
-    plan = plan_for(config.privacy, num_records=num_records, batch_size=config.train.batch_size,
-                    local_steps=config.train.local_steps, rounds=config.federation.rounds,
-                    proximal_mu=getattr(config.strategy, "client_proximal_mu", 0.0))
+    plan = sample_plan(config, num_records)
     cap = "none" if math.isinf(plan.epsilon_cap) else f"{plan.epsilon_cap:g}"
     logger.info("client %d | DP plan: noise %.4f | sample rate %.4f | clip %g | %d steps planned "
                 "| cap %s", client_id, plan.noise_multiplier, plan.sample_rate, plan.max_grad_norm,

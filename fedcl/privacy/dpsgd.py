@@ -31,6 +31,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from fedcl.config import ModelConfig, TrainConfig
+from fedcl.optim import build_optimizer
 from fedcl.privacy.accounting import DPPlan
 from fedcl.train import TrainResult, autocast, trainable_parameters
 
@@ -54,6 +55,20 @@ def _empty_grad_samples(params: list[torch.nn.Parameter]) -> None:
         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
 
 
+def dp_step(optimizer, *after_noise: Callable[[], None]):
+    """One Opacus `DPOptimizer` step with `after_noise` callbacks between noise and update.
+
+    Equivalent to ``optimizer.step()`` when no callback is given; e.g.
+    ``dp_step(opt, lambda: acc.add(model), lambda: ewc.add_penalty_gradient(model))``
+    records the released gradient, then adds the EWC gradient to it.
+    """
+    if not optimizer.pre_step():  # skipped step (virtual batches): nothing released
+        return None
+    for callback in after_noise:
+        callback()
+    return optimizer.original_optimizer.step()
+
+
 def train_private(model, task, records: list, train_cfg: TrainConfig, model_cfg: ModelConfig,
                   plan: DPPlan, *, generator: torch.Generator | None = None,
                   make_optimizer: Callable[[list], torch.optim.Optimizer] | None = None,
@@ -71,8 +86,6 @@ def train_private(model, task, records: list, train_cfg: TrainConfig, model_cfg:
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
-    from continual.ewc import dp_step
-
     if not records:
         raise ValueError("cannot train on an empty set of records")
     generator = generator or secure_generator()
@@ -82,7 +95,7 @@ def train_private(model, task, records: list, train_cfg: TrainConfig, model_cfg:
     # expected batch size (not the actual one, which would leak it).
     gsm = GradSampleModule(model, loss_reduction="mean", strict=True)
     inner = (make_optimizer(params) if make_optimizer is not None else
-             torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay))
+             build_optimizer(params, train_cfg))
     optimizer = DPOptimizer(inner, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
                             expected_batch_size=plan.expected_batch_size, loss_reduction="mean",
                             generator=generator)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedcl import keys
 from fedcl.config import Config
 from fedcl.privacy.ledger import LEDGER_FILE, PrivacyLedger
 
@@ -17,9 +18,9 @@ from fedcl.privacy.ledger import LEDGER_FILE, PrivacyLedger
 def run_section(config: Config) -> dict:
     p, fed = config.privacy, config.federation
     if p.mode == "client":  # the server's planned figures; each round records its epsilon
-        from fedcl.privacy.accounting import client_plan
+        from fedcl.privacy.accounting import client_level_plan
 
-        plan = client_plan(p, clients=fed.clients, clients_per_round=fed.clients_per_round, rounds=fed.rounds)
+        plan = client_level_plan(config)
         return {"mode": "client", "target_epsilon": p.target_epsilon, **plan.to_dict(),
                 "planned_epsilon": plan.epsilon_after(plan.rounds)}
     return {
@@ -35,7 +36,7 @@ def run_section(config: Config) -> dict:
 
 def note_clients(section: dict, clients: list[dict]) -> None:
     """Record each client's reported DP parameters and latest epsilon in `section`."""
-    known = section.setdefault("clients", {})
+    known = section.setdefault(keys.CLIENTS, {})
     for client in clients:
         if "epsilon" not in client:
             continue
@@ -68,7 +69,7 @@ def format_ledger(path: Path, root: Path) -> str:
         if e["run"] != run:
             run = e["run"]
             lines.append(f"  run {run or '(unnamed)'}")
-        lines.append(f"    round {e['round']:>4} | steps {e['steps']:>4} | noise {e['noise_multiplier']:.4f} "
+        lines.append(f"    round {e[keys.ROUND]:>4} | steps {e['steps']:>4} | noise {e['noise_multiplier']:.4f} "
                      f"| sample rate {e['sample_rate']:.4f} | delta {e['delta']:.1e} "
                      f"| eps after {e['epsilon']:.4f} ({e['accountant']})")
     if ledger.entries:

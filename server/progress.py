@@ -6,13 +6,15 @@ import sys
 
 from tqdm.auto import tqdm
 
+from fedcl import keys
+
 
 def _headline(ev: dict) -> str:
-    if "accuracy" in ev:
-        return (f"accuracy {ev['accuracy']:.3f} (majority {ev.get('majority_baseline', 0):.3f}) "
-                f"| macro-F1 {ev.get('macro_f1', 0):.3f}")
-    if "loss" in ev:
-        return f"loss {ev['loss']:.3f} | perplexity {ev.get('perplexity', 0):.1f}"
+    if keys.ACCURACY in ev:
+        return (f"accuracy {ev[keys.ACCURACY]:.3f} (majority {ev.get(keys.MAJORITY, 0):.3f}) "
+                f"| macro-F1 {ev.get(keys.MACRO_F1, 0):.3f}")
+    if keys.LOSS in ev:
+        return f"loss {ev[keys.LOSS]:.3f} | perplexity {ev.get(keys.PERPLEXITY, 0):.1f}"
     return ""
 
 
@@ -26,8 +28,8 @@ class RoundProgress:
 
     def round_done(self, record: dict) -> None:
         self.bar.write(
-            f"server | round {record['round']} | {_headline(record.get('eval', {}))} "
-            f"| up {record.get('bytes_up', 0) / 1e6:.2f} MB | down {record.get('bytes_down', 0) / 1e6:.2f} MB"
+            f"server | round {record[keys.ROUND]} | {_headline(record.get(keys.EVAL, {}))} "
+            f"| up {record.get(keys.BYTES_UP, 0) / 1e6:.2f} MB | down {record.get(keys.BYTES_DOWN, 0) / 1e6:.2f} MB"
         )
         self.bar.update(1)
 

@@ -1,17 +1,24 @@
-"""What travels: adapter states as Flower records, and their size on the wire.
+"""The message format: how adapter states travel as Flower records, and what they weigh.
 
-Flower 1.42 sends a message's content as a tree of deflated objects (the
-RecordDict, each record, each array); the sum of those serialised objects is
-what a message carries, and is what `bytes_up`/`bytes_down` report.
+The client and the server apps and the strategies all encode and decode
+through this module, and name what they put in a message with the keys of
+`fedcl.keys`. Flower 1.42 sends a message's content as a tree of deflated
+objects (the RecordDict, each record, each array); the sum of those serialised
+objects is what a message carries, and is what ``bytes_up``/``bytes_down``
+report. `encode_arrays`/`decode_arrays` are the exact JSON form of arrays that
+strategy state files use.
 """
 
 from __future__ import annotations
 
+import base64
 from collections import OrderedDict
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+
+from fedcl import keys
 
 
 def message_bytes(content) -> int:
@@ -90,3 +97,33 @@ def decode_update(record: ArrayRecord, start: dict[str, torch.Tensor],
             values = values * float(record[name + SCALE_SUFFIX].numpy()[0])
         update[name] = values
     return update
+
+
+# -- reading a message ------------------------------------------------------------------
+
+def round_config(msg: Message) -> ConfigRecord:
+    """The server's per-round ConfigRecord of `msg` (empty when it sent none)."""
+    return msg.content.config_records.get(keys.CONFIG, ConfigRecord())
+
+
+def reply_metrics(msg: Message) -> MetricRecord:
+    """A reply's MetricRecord (empty when it has none)."""
+    return next(iter(msg.content.metric_records.values()), MetricRecord())
+
+
+# -- strategy state on disk: arrays as exact JSON ----------------------------------------
+
+def encode_arrays(arrays: dict[str, np.ndarray] | None) -> dict | None:
+    """ndarrays -> JSON-safe, exact (base64 of the raw little-endian bytes)."""
+    if arrays is None:
+        return None
+    return {k: {"dtype": np.asarray(v).dtype.str, "shape": list(np.shape(v)),
+                "data": base64.b64encode(np.ascontiguousarray(v).tobytes()).decode("ascii")}
+            for k, v in arrays.items()}
+
+
+def decode_arrays(encoded: dict | None) -> dict[str, np.ndarray] | None:
+    if encoded is None:
+        return None
+    return {k: np.frombuffer(base64.b64decode(v["data"]), dtype=np.dtype(v["dtype"])).reshape(v["shape"]).copy()
+            for k, v in encoded.items()}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedcl import keys
 from fedcl.atomic import write_json, write_text
 
 CHECKPOINT_VERSION = 1
@@ -62,7 +63,7 @@ class RunDir:
 
     def metrics(self) -> dict:
         if not self.metrics_file.exists():
-            return {"model": {}, "rounds": []}
+            return {keys.MODEL: {}, keys.ROUNDS: []}
         return json.loads(self.metrics_file.read_text(encoding="utf-8"))
 
     def start(self, config_toml: str, model_facts: dict) -> dict:
@@ -71,18 +72,18 @@ class RunDir:
             metrics = self.metrics()
             done = self.completed_rounds()
             # Drop records of a round that was written but never committed.
-            metrics["rounds"] = [r for r in metrics["rounds"] if r["round"] <= done]
+            metrics[keys.ROUNDS] = [r for r in metrics[keys.ROUNDS] if r[keys.ROUND] <= done]
             return metrics
         self.path.mkdir(parents=True, exist_ok=True)
         write_text(self.config_file, config_toml)
-        metrics = {"model": model_facts, "rounds": []}
+        metrics = {keys.MODEL: model_facts, keys.ROUNDS: []}
         write_json(self.metrics_file, metrics)
         return metrics
 
     def commit_round(self, metrics: dict, server_round: int, strategy_state: dict) -> None:
         """Write the round's metrics, then the checkpoint that makes the round count."""
         write_json(self.metrics_file, metrics)
-        write_json(self.path / "strategy_state.json", strategy_state)
+        write_json(self.strategy_state_file, strategy_state)
         write_json(self.checkpoint_file, {
             "version": CHECKPOINT_VERSION,
             "round": server_round,

@@ -1,6 +1,6 @@
 """A run's curves as PNG files: `fedcl report RUN_DIR` writes them to RUN_DIR/report/.
 
-`write_report` reads only `metrics.json` (see `server.checkpoint` for the run
+`write_report` reads only `metrics.json` (see `fedcl.rundir` for the run
 folder layout) and draws one figure per question a reader asks of a run:
 
     accuracy.png   how good is the global adapter, round by round (for an
@@ -24,6 +24,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
+from fedcl import keys
+
 
 class ReportError(ValueError):
     """The folder is not a run folder, or its metrics cannot be drawn; the message names the path."""
@@ -45,12 +47,12 @@ def load_metrics(run_dir: Path) -> dict:
         metrics = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ReportError(f"{path}: not valid JSON: {err}") from None
-    if not isinstance(metrics, dict) or not isinstance(metrics.get("rounds"), list):
+    if not isinstance(metrics, dict) or not isinstance(metrics.get(keys.ROUNDS), list):
         raise ReportError(f"{path}: expected an object with a 'rounds' list")
-    if not metrics["rounds"]:
+    if not metrics[keys.ROUNDS]:
         raise ReportError(f"{path}: no completed rounds yet; nothing to draw")
-    for index, record in enumerate(metrics["rounds"]):
-        if not isinstance(record, dict) or not isinstance(record.get("round"), int):
+    for index, record in enumerate(metrics[keys.ROUNDS]):
+        if not isinstance(record, dict) or not isinstance(record.get(keys.ROUND), int):
             raise ReportError(f"{path}: rounds[{index}] has no integer 'round'")
     return metrics
 
@@ -58,9 +60,9 @@ def load_metrics(run_dir: Path) -> dict:
 def eval_points(metrics: dict) -> list[tuple[int, dict]]:
     """(round, global eval) pairs, round 0 first when the run evaluated before training."""
     points = []
-    if metrics.get("initial_eval"):
-        points.append((0, metrics["initial_eval"]))
-    points.extend((r["round"], r.get("eval") or {}) for r in metrics["rounds"])
+    if metrics.get(keys.INITIAL_EVAL):
+        points.append((0, metrics[keys.INITIAL_EVAL]))
+    points.extend((r[keys.ROUND], r.get(keys.EVAL) or {}) for r in metrics[keys.ROUNDS])
     return points
 
 
@@ -71,21 +73,21 @@ def series(points: list[tuple[int, dict]], key: str) -> tuple[list[int], list[fl
 
 
 def is_classification(metrics: dict) -> bool:
-    return any("accuracy" in ev for _, ev in eval_points(metrics))
+    return any(keys.ACCURACY in ev for _, ev in eval_points(metrics))
 
 
 def mean_train_loss(metrics: dict) -> tuple[list[int], list[float]]:
     """Per round, the clients' training loss averaged with their example counts as weights."""
     rounds, values = [], []
-    for record in metrics["rounds"]:
-        clients = [c for c in record.get("clients") or [] if c.get("train_loss") is not None]
+    for record in metrics[keys.ROUNDS]:
+        clients = [c for c in record.get(keys.CLIENTS) or [] if c.get("train_loss") is not None]
         if not clients:
             continue
-        weights = [max(int(c.get("num_examples") or 0), 0) for c in clients]
+        weights = [max(int(c.get(keys.NUM_EXAMPLES) or 0), 0) for c in clients]
         total = sum(weights)
         if total == 0:
             weights, total = [1] * len(clients), len(clients)
-        rounds.append(record["round"])
+        rounds.append(record[keys.ROUND])
         values.append(sum(w * float(c["train_loss"]) for w, c in zip(weights, clients)) / total)
     return rounds, values
 
@@ -161,9 +163,9 @@ def loss_figure(metrics: dict):
 def bytes_figure(metrics: dict):
     """Bytes sent to the server (up) and to the clients (down) per round, in MB."""
     fig, ax = _figure("Communication per round", "MB")
-    rounds = [r["round"] for r in metrics["rounds"]]
-    up = [float(r.get("bytes_up") or 0) / 1e6 for r in metrics["rounds"]]
-    down = [float(r.get("bytes_down") or 0) / 1e6 for r in metrics["rounds"]]
+    rounds = [r[keys.ROUND] for r in metrics[keys.ROUNDS]]
+    up = [float(r.get(keys.BYTES_UP) or 0) / 1e6 for r in metrics[keys.ROUNDS]]
+    down = [float(r.get(keys.BYTES_DOWN) or 0) / 1e6 for r in metrics[keys.ROUNDS]]
     width = 0.4
     ax.bar([x - width / 2 for x in rounds], up, width=width, label="up (clients to server)")
     ax.bar([x + width / 2 for x in rounds], down, width=width, label="down (server to clients)")
@@ -184,7 +186,7 @@ def accuracy_matrix_figure(metrics: dict):
     """Heatmap of the accuracy matrix: rows the task just trained, columns the task tested."""
     from matplotlib.figure import Figure
 
-    section = metrics["continual"]
+    section = metrics[keys.CONTINUAL]
     names, matrix = section["tasks"], section["accuracy_matrix"]
     fig = Figure(figsize=(1.2 + 0.6 * len(names), 1.0 + 0.5 * max(len(matrix), 1)), dpi=100)
     ax = fig.add_subplot()
@@ -205,7 +207,7 @@ def accuracy_matrix_figure(metrics: dict):
 
 def task_accuracy_figure(metrics: dict):
     """Each task's accuracy after every finished task (x: tasks trained so far; 0 = zero-shot)."""
-    section = metrics["continual"]
+    section = metrics[keys.CONTINUAL]
     names, matrix, zero = section["tasks"], section["accuracy_matrix"], section.get("zero_shot")
     fig, ax = _figure("Accuracy per task over the stream", "accuracy")
     ax.set_xlabel("tasks trained")
@@ -221,7 +223,7 @@ def task_accuracy_figure(metrics: dict):
 
 def continual_figures(metrics: dict) -> dict[str, Callable[[dict], object]]:
     """Figures for continual-learning runs (none for an ordinary run or before a task finished)."""
-    section = metrics.get("continual") or {}
+    section = metrics.get(keys.CONTINUAL) or {}
     if not section.get("accuracy_matrix"):
         return {}
     return {"accuracy_matrix.png": accuracy_matrix_figure, "task_accuracy.png": task_accuracy_figure}

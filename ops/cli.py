@@ -14,6 +14,7 @@ from pathlib import Path
 
 import fedcl  # noqa: F401  (offline defaults)
 from fedcl.config import Config, ConfigError, load_config
+from fedcl.ops.preflight import UsageError, preflight
 
 # Convenience flags and the config keys they set.
 FLAGS = {
@@ -24,10 +25,6 @@ FLAGS = {
     "lora_alpha": ("lora.alpha", int), "lora_targets": ("lora.target_modules", str),
     "seed": ("train.seed", int), "strategy": ("strategy.name", str),
 }
-
-
-class UsageError(Exception):
-    """A problem with the command line or its inputs; reported without a traceback."""
 
 
 def add_config_args(p) -> None:
@@ -82,54 +79,14 @@ def resolve_config(args) -> tuple[Config, Path]:
     return config.replace({"run.out_dir": str(out.resolve())}, source="--out"), out
 
 
-def preflight(config: Config) -> None:
-    """Load data, model and task and split the data, so errors surface before any write."""
-    from fedcl import data
-    from fedcl.session import GlobalEvaluator, dataset_for
-
-    dataset_for(config.data, config.train.seed)  # a bad data file fails fast, before the model loads
-    evaluator = GlobalEvaluator(config)
-    for client in range(config.federation.clients):
-        train, _ = data.client_split(config.data, evaluator.shared.dataset, client,
-                                     config.federation.clients, config.train.seed)
-        if not train:
-            raise UsageError(f"client {client} gets no training records; use fewer clients "
-                             "or another data.partition")
-        if config.continual_on:
-            _preflight_continual(config, client)
-        elif config.privacy.enabled and config.privacy.mode == "sample":
-            from fedcl.privacy import plan_for
-
-            try:  # delta vs 1/N and the budget vs one step, per client, before any write
-                plan_for(config.privacy, num_records=len(train), batch_size=config.train.batch_size,
-                         local_steps=config.train.local_steps, rounds=config.federation.rounds,
-                         proximal_mu=getattr(config.strategy, "client_proximal_mu", 0.0))
-            except ConfigError as err:
-                raise ConfigError(f"client {client}: {err}") from None
-
-
-def _preflight_continual(config: Config, client: int) -> None:
-    """The task stream builds, and this client's DP plan over its task shares holds."""
-    from continual.streams import client_share
-    from fedcl.continual_session import build_stream, dp_base_plan
-
-    shares = client_share(list(build_stream(config.data, config.train.seed)), client,
-                          config.federation.clients, config.train.seed)
-    if config.privacy.enabled and config.privacy.mode == "sample":
-        try:
-            dp_base_plan(config, shares)
-        except ConfigError as err:
-            raise ConfigError(f"client {client}: {err}") from None
-
-
 def cmd_simulate(args) -> int:
-    from fedcl.simulation import run_simulation
-    from fedcl.summary import print_summary
-    from server.checkpoint import RunDir
+    from fedcl.ops.run import simulate
+    from fedcl.ops.summary import print_summary
+    from fedcl.rundir import RunDir
 
     config, out = resolve_config(args)
     if config.continual_on:  # tasks x rounds_per_task rounds, known once the stream is built
-        from fedcl.continual_session import resolve_rounds
+        from fedcl.continual.schedule import resolve_rounds
 
         planned = config.federation.rounds
         config = resolve_rounds(config)
@@ -142,7 +99,7 @@ def cmd_simulate(args) -> int:
         print(f"{out}: already has {done} rounds; pass --rounds N with N > {done} to add more")
         return 0
     preflight(config)
-    run_simulation(config)
+    simulate(config)
     finished = run_dir.completed_rounds()
     if finished < config.federation.rounds:
         print(f"fedcl: error: the run stopped after round {finished} of {config.federation.rounds}; "
@@ -154,7 +111,7 @@ def cmd_simulate(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from fedcl.report import write_report
+    from fedcl.ops.report import write_report
 
     for path in write_report(Path(args.run_dir)):
         print(path)
@@ -182,10 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", metavar="RUN_DIR")
     priv = sub.add_parser("privacy", help="print the privacy ledgers found under a state folder")
     priv.add_argument("state_dir", metavar="STATE_DIR")
-    from fedcl.deploy import add_parser as add_deploy
+    from fedcl.ops.deploy import add_parser as add_deploy
 
     add_deploy(sub)
-    from fedcl.tuning.cli import add_parser as add_tune
+    from fedcl.ops.tuning.cli import add_parser as add_tune
 
     add_tune(sub)
     add_update(sub)
@@ -211,8 +168,8 @@ def add_update(sub) -> None:
 
 
 def cmd_update(args) -> int:
-    from continual.update import UpdateError, run_deployed_update, run_update
-    from fedcl.simulation import run_simulation
+    from fedcl.ops.update import UpdateError, run_deployed_update, run_update
+    from fedcl.ops.run import simulate
 
     if bool(args.data_files) == bool(args.deployment):
         raise UsageError("update: give the new data as --data FILE (simulation) or run on the nodes' "
@@ -225,7 +182,7 @@ def cmd_update(args) -> int:
         if args.deployment:
             record = run_deployed_update(config, args.registry, submit=_deployed_runner(args))
         else:
-            record = run_update(config, args.registry, args.data_files, runner=run_simulation,
+            record = run_update(config, args.registry, args.data_files, runner=simulate,
                                 check=preflight)
     except UpdateError as err:
         print(f"fedcl: error: {err}", file=sys.stderr)
@@ -238,8 +195,8 @@ def _deployed_runner(args):
     """Submit the job's run to the SuperLink of `flwr` connection --deployment and wait for it."""
     import tempfile
 
-    from continual.update import UpdateError
-    from fedcl.deploy.launch import run_on_federation, stage_app
+    from fedcl.ops.update import UpdateError
+    from fedcl.ops.deploy.launch import run_on_federation, stage_app
 
     def submit(config) -> None:
         with tempfile.TemporaryDirectory(prefix="fedcl-app-") as tmp:
@@ -253,8 +210,8 @@ def _deployed_runner(args):
 
 
 def cmd_versions(args) -> int:
-    from continual.registry import Registry
-    from continual.update import format_versions
+    from fedcl.continual.registry import Registry
+    from fedcl.ops.update import format_versions
 
     if not Path(args.registry).is_dir():
         raise UsageError(f"{args.registry}: no such registry folder")
@@ -263,13 +220,13 @@ def cmd_versions(args) -> int:
 
 
 def cmd_deploy(args) -> int:
-    from fedcl.deploy import cmd_deploy as run
+    from fedcl.ops.deploy import cmd_deploy as run
 
     return run(args)
 
 
 def cmd_tune(args) -> int:
-    from fedcl.tuning.cli import cmd_tune as run
+    from fedcl.ops.tuning.cli import cmd_tune as run
 
     return run(args)
 

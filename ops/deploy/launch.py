@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedcl.deploy.certs import DeployFiles
+from fedcl.ops.deploy.certs import DeployFiles
 
 BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode, flwr live beside python
 
@@ -292,7 +292,7 @@ def wait_for(condition: Callable[[], bool], *, timeout: float, what: str,
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-APP_PACKAGES = ("fedcl", "server", "client", "strategies", "continual")
+APP_PACKAGES = ("fedcl", "continual", "federation", "strategies", "client", "server", "ops")
 
 
 def stage_app(source: Path, target: Path) -> Path:

@@ -1,18 +1,9 @@
-"""Continual learning in a federation: the stream, the round -> task map, a node's method, the matrix.
+"""One node's side of continual learning: its share of every task, its method, its state folder.
 
-With ``data.task_column`` set, the run's records are cut into a stream of tasks
-(`continual.streams.by_period`, one per year/quarter/month of that column) and
-the federation spends ``continual.rounds_per_task`` rounds on each, in order:
-
-- `task_of_round` maps a run round (1-based) to its task (0-based); the server
-  sends it to clients in each round's ConfigRecord (``task``).
-- `NodeContinual` is one node's side: its share of every task
-  (`continual.streams.client_share`), its method (replay buffer, EWC
-  importances) kept in the node's state folder, and one round of training on
-  the current task, plain or DP-SGD. Replayed records never leave the node.
-- `ServerContinual` is the server's side: zero-shot accuracies before round 1,
-  one row of the accuracy matrix after each task's last round, and the
-  ``continual`` section of metrics.json built from them (`continual.metrics`).
+`NodeContinual` holds a node's share of each task (`fedcl.continual.streams.client_share`),
+its method (replay buffer, EWC importances; `fedcl.continual.catalog`) kept in
+the node's state folder, and one round of training on the current task, plain
+or DP-SGD. Replayed records never leave the node.
 
 A task is closed on the node lazily, at the first round of a later task in
 which the node trains: `after_task` then sees the *global* adapter after the
@@ -23,30 +14,35 @@ raw (noise-inclusive) mean is kept, whose constant noise floor acts as a plain
 L2 pull towards the anchor. Replay under DP trains on ``share + replayed``
 as one Poisson-sampled pool; the noise is calibrated once for the whole run at
 the highest sample rate any task can have (batch / smallest task share), so
-every task's actual, lower rate costs less than planned. Nothing here imports Flower.
+every task's actual, lower rate costs less than planned (`dp_base_plan`,
+`task_plan`). Nothing here imports Flower.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
-import math
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from continual import metrics as clm
-from continual.ewc import GradSquareAccumulator, check_importance, fisher_from_grads, trainable
-from continual.methods import Method, make_method
-from continual.replay import replay_count, replay_pool
-from continual.state import check_state
+from fedcl import adapters
 from fedcl.atomic import write_bytes
-from continual.streams import StreamError, Task, by_file, by_label_groups, by_period, client_share
-from fedcl.config import Config, ConfigError, avalanche_plugin
+from fedcl.config import Config, ConfigError
+from fedcl.continual.catalog import make_method
+from fedcl.continual.ewc import GradSquareAccumulator, check_importance, compute_fisher, fisher_from_grads, trainable
+from fedcl.continual.methods import Method
+from fedcl.continual.replay import replay_count, replay_pool
+from fedcl.continual.schedule import build_stream
+from fedcl.continual.state import check_state
+from fedcl.continual.streams import Task, client_share
+from fedcl.privacy.accounting import sample_plan
+from fedcl.regularizers import proximal_term
+from fedcl.session import round_seed
+from fedcl.train import train_local
 
 logger = logging.getLogger("fedcl.continual")
 
@@ -57,70 +53,7 @@ ACCUMULATOR_KIND = "fedcl.continual.grad_squares"
 SHARED_IMPORTANCE_KIND = "fedcl.continual.shared_importance"
 KIND = "fedcl.continual.node"
 VERSION = 1
-DEFINITIONS = {
-    "accuracy_matrix": "R[k][j]: global accuracy on task j's test split after the last round of task k",
-    "zero_shot": "b[j]: accuracy on task j before round 1",
-    "average_accuracy": "mean_j<=K-1 R[K-1][j]",
-    "bwt": "mean_j<K-1 R[K-1][j] - R[j][j] (backward transfer)",
-    "forgetting": "mean_j<K-1 max_k<K-1 R[k][j] - R[K-1][j]",
-    "fwt": "mean_1<=j<=K-1 R[j-1][j] - b[j] (forward transfer)",
-}
 
-
-# -- the stream and the schedule ------------------------------------------------------
-
-def task_of_round(run_round: int, rounds_per_task: int) -> int:
-    """The 0-based task a 1-based run round trains on."""
-    if run_round < 1:
-        raise ValueError(f"run round: got {run_round!r}, expected >= 1")
-    return (run_round - 1) // rounds_per_task
-
-
-def ends_task(run_round: int, rounds_per_task: int) -> bool:
-    return run_round >= 1 and run_round % rounds_per_task == 0
-
-
-@functools.lru_cache(maxsize=4)
-def build_stream(data_cfg, seed: int) -> tuple[Task, ...]:
-    """The run's tasks, oldest first, each with its slice of the global test split."""
-    from fedcl.session import dataset_for
-
-    dataset = dataset_for(data_cfg, seed)
-    if data_cfg.task_files:
-        stream = by_file(dataset.train, dataset.test, data_cfg.task_file_list())
-    elif data_cfg.task_groups:
-        known = {r["label"] for r in dataset.train}
-        unknown = [label for group in data_cfg.label_groups() for label in group if label not in known]
-        if unknown:
-            raise StreamError(f"data.task_groups: label(s) {unknown} are not in the data; its labels are "
-                              + ", ".join(sorted(known)))
-        stream = by_label_groups(dataset.train, data_cfg.label_groups(), test_records=dataset.test, seed=seed)
-    else:
-        stream = by_period(dataset.train, data_cfg.task_column, data_cfg.task_period,
-                           test_records=dataset.test, seed=seed)
-    empty = [task.name for task in stream if not task.test_records]
-    if empty and data_cfg.task_files:
-        raise StreamError(f"data.task_files: task(s) {', '.join(empty)} have no test records (after "
-                          "data.max_test_records); give data.task_test_files or a larger data.test_fraction")
-    if empty:
-        where = "data.task_groups" if data_cfg.task_groups else f"data.task_column = {data_cfg.task_column!r}"
-        raise StreamError(f"{where}: task(s) {', '.join(empty)} have no "
-                          f"test records; use a coarser data.task_period (now {data_cfg.task_period!r}) "
-                          "or more test data")
-    return tuple(stream)
-
-
-def resolve_rounds(config: Config) -> Config:
-    """With continual learning on, federation.rounds = tasks x continual.rounds_per_task."""
-    if not config.continual_on:
-        return config
-    rounds = len(build_stream(config.data, config.train.seed)) * config.continual.rounds_per_task
-    if rounds == config.federation.rounds:
-        return config
-    return dataclasses.replace(config, federation=dataclasses.replace(config.federation, rounds=rounds))
-
-
-# -- a node ---------------------------------------------------------------------------
 
 def node_seed(seed: int, client_id: int) -> int:
     return (seed * 1_000_003 + 7919 * (client_id + 1)) & 0xFFFF_FFFF
@@ -215,8 +148,6 @@ class NodeContinual:
         model = self.session.model
         if dp:
             return self._released_fisher(task, model)
-        from continual.ewc import compute_fisher
-
         return compute_fisher(model, self.session.shared.task, self.records(task),
                               self.config.continual.fisher_batch_size)
 
@@ -234,11 +165,6 @@ class NodeContinual:
         With a `dp_plan` the round is DP-SGD on `pool` (`dp_pool`), else plain
         training on the task's share with the method's batch mixing and loss term.
         """
-        from fedcl import adapters
-        from fedcl.regularizers import proximal_term
-        from fedcl.session import round_seed
-        from fedcl.train import train_local
-
         if dp_plan is not None:
             result = self._train_private(pool if pool is not None else self.records(task), task, dp_plan,
                                          progress)
@@ -328,95 +254,13 @@ def _save_accumulator(path: Path, task: int, acc: GradSquareAccumulator) -> None
 
 def dp_base_plan(config: Config, shares: list[Task]):
     """The node's run-long DP plan: noise calibrated at the highest sample rate of its tasks."""
-    from fedcl.privacy import plan_for
-
     sizes = [len(t.train_records) for t in shares if t.train_records]
     if not sizes:
         raise ConfigError("privacy: this client holds no training records in any task")
-    return plan_for(config.privacy, num_records=min(sizes), batch_size=config.train.batch_size,
-                    local_steps=config.train.local_steps, rounds=config.federation.rounds,
-                    proximal_mu=config.strategy.client_proximal_mu)
+    return sample_plan(config, min(sizes))
 
 
 def task_plan(base, pool_size: int, batch_size: int):
     """`base` with this task's sample rate (<= the calibrated one, as its pool is >= the smallest share)."""
     rate = min(1.0, batch_size / pool_size)
     return dataclasses.replace(base, sample_rate=rate, expected_batch_size=max(1, round(rate * pool_size)))
-
-
-# -- the server -------------------------------------------------------------------------
-
-def _finite(value: float) -> float | None:
-    return None if value is None or math.isnan(value) else float(value)
-
-
-def continual_section(config: Config, names: list[str], matrix: list[list[float]],
-                      zero_shot: list[float] | None) -> dict:
-    """metrics.json's ``continual`` section from the rows so far (figures None while undefined)."""
-    section = {"strategy": config.continual.strategy, "rounds_per_task": config.continual.rounds_per_task,
-               "task_column": config.data.task_column, "task_period": config.data.task_period,
-               "task_groups": config.data.task_groups, "task_files": config.data.task_file_list(),
-               "tasks": list(names), "accuracy_matrix": [list(r) for r in matrix],
-               "zero_shot": list(zero_shot) if zero_shot is not None else None,
-               "average_accuracy": None, "bwt": None, "forgetting": None, "fwt": None,
-               "definitions": DEFINITIONS}
-    if matrix:
-        section.update(average_accuracy=clm.average_accuracy(matrix), bwt=_finite(clm.backward_transfer(matrix)),
-                       forgetting=_finite(clm.forgetting(matrix)),
-                       fwt=_finite(clm.forward_transfer(matrix, zero_shot)) if zero_shot else None)
-    if avalanche_plugin(config.continual.strategy) is not None and len(matrix) >= 2:
-        # The same matrix through Avalanche's own metric classes, next to ours: its forgetting
-        # is "right after training minus latest", ours the maximum-based one.
-        from continual.avalanche_bridge import avalanche_transfer
-
-        section["avalanche_metrics"] = avalanche_transfer(matrix)
-    return section
-
-
-class ServerContinual:
-    """The server's accuracy matrix, kept inside the run's metrics dict (so commits carry it)."""
-
-    def __init__(self, config: Config, evaluator, metrics: dict, done: int):
-        self.config, self.evaluator, self.metrics = config, evaluator, metrics
-        if config.data.task != "classification":
-            raise ConfigError(f"data.task_column: continual learning reports accuracies, so it needs "
-                              f"data.task = \"classification\" (got {config.data.task!r})")
-        self.stream = build_stream(config.data, config.train.seed)
-        self.names = [t.name for t in self.stream]
-        old = metrics.get("continual") or {}
-        if old and old.get("tasks") != self.names:
-            raise ConfigError(f"metrics.json: the run's continual tasks {old.get('tasks')} differ from "
-                              f"this stream's {self.names}")
-        # Rows of tasks finished by the last committed round only (a crash may leave one more).
-        rows = (old.get("accuracy_matrix") or [])[: done // config.continual.rounds_per_task]
-        self.matrix, self.zero_shot = rows, old.get("zero_shot")
-        self._write()
-
-    def round_config(self, run_round: int) -> dict:
-        rpt = self.config.continual.rounds_per_task
-        # "task-end": clients send their importance with this round's update (federated importance)
-        return {"task": task_of_round(run_round, rpt), "task-end": int(ends_task(run_round, rpt))}
-
-    def accuracies(self, state: dict) -> list[float]:
-        out = []
-        for task in self.stream:
-            result = self.evaluator.evaluate_records(state, task.test_records)
-            out.append(float(result["accuracy"]))
-        return out
-
-    def before_round_one(self, state: dict) -> None:
-        self.zero_shot = self.accuracies(state)
-        self._write()
-
-    def after_round(self, run_round: int, state: dict, record: dict) -> None:
-        rpt = self.config.continual.rounds_per_task
-        record["task"] = task_of_round(run_round, rpt)
-        if ends_task(run_round, rpt):
-            self.matrix = self.matrix[: run_round // rpt - 1] + [self.accuracies(state)]
-            record["task_accuracies"] = self.matrix[-1]
-            self._write()
-            logger.info("task %s done | accuracy %s", self.names[len(self.matrix) - 1],
-                        " ".join(f"{a:.3f}" for a in self.matrix[-1]))
-
-    def _write(self) -> None:
-        self.metrics["continual"] = continual_section(self.config, self.names, self.matrix, self.zero_shot)

@@ -2,7 +2,7 @@
 
 Each trial takes the base config, applies the sampled values, and runs the
 federation into its own run folder `OUT/trials/trial-<n>` through a *runner*:
-by default `fedcl.simulation.run_simulation`, Flower's simulation engine
+by default `fedcl.ops.run.simulate`, Flower's simulation engine
 exactly as `fedcl simulate` uses it. (Tests pass an in-process runner that
 drives the same ServerApp and ClientApp without Ray.) The trial's value is the
 final round's global evaluation on the held-out test split, read back from the
@@ -31,10 +31,11 @@ from pathlib import Path
 
 import optuna
 
-from fedcl.config import Config, ConfigError
-from fedcl.tuning.space import SearchSpace
+from fedcl import keys
 from fedcl.atomic import write_text
-from server.checkpoint import RunDir
+from fedcl.config import Config, ConfigError
+from fedcl.ops.tuning.space import SearchSpace
+from fedcl.rundir import RunDir
 
 SAMPLERS = ("grid", "random", "tpe", "cmaes")
 PRUNERS = ("median", "none")
@@ -77,7 +78,7 @@ class Objective:
     def value(self, evaluation: dict) -> float:
         if not self.label:
             return float(evaluation[self.metric])
-        per_class = evaluation.get("per_class", {})
+        per_class = evaluation.get(keys.PER_CLASS, {})
         if self.label not in per_class:
             raise TuneError(f"--objective {self.name}: no class {self.label!r} in the evaluation; "
                             f"classes: {', '.join(per_class)}")
@@ -169,7 +170,7 @@ def open_study(options: TuneOptions, space: SearchSpace, out: Path,
 
 def trial_epsilon(record: dict) -> float:
     """The most any client had spent by this round (0 when DP is off)."""
-    spent = [c["epsilon"] for c in record.get("clients", []) if c.get("epsilon") is not None]
+    spent = [c["epsilon"] for c in record.get(keys.CLIENTS, []) if c.get("epsilon") is not None]
     return float(max(spent)) if spent else 0.0
 
 
@@ -194,11 +195,11 @@ def run_rounds(config: Config, runner: Runner, on_round: Callable[[dict], None],
         done = run_dir.completed_rounds()
         if done < target:
             raise RuntimeError(f"{run_dir.path}: the run stopped after round {done} of {target}")
-        records = run_dir.metrics()["rounds"]
+        records = run_dir.metrics()[keys.ROUNDS]
         for record in records[seen:]:
             on_round(record)
         seen = len(records)
-    return run_dir.metrics()["rounds"][-1]
+    return run_dir.metrics()[keys.ROUNDS][-1]
 
 
 def make_objective(base: Config, space: SearchSpace, out: Path, options: TuneOptions,
@@ -220,16 +221,16 @@ def make_objective(base: Config, space: SearchSpace, out: Path, options: TuneOpt
         print(f"trial {trial.number} | " + " | ".join(f"{k} {v}" for k, v in values.items()), flush=True)
 
         def on_round(record: dict) -> None:
-            value = objective.value(record["eval"])
+            value = objective.value(record[keys.EVAL])
             if not options.multi_objective:
-                trial.report(value, record["round"])
+                trial.report(value, record[keys.ROUND])
                 if step and trial.should_prune():
-                    print(f"trial {trial.number} | round {record['round']} | {objective.name} "
+                    print(f"trial {trial.number} | round {record[keys.ROUND]} | {objective.name} "
                           f"{value:.4f} | pruned", flush=True)
-                    raise optuna.TrialPruned(f"round {record['round']}: {objective.name} {value:.4f}")
+                    raise optuna.TrialPruned(f"round {record[keys.ROUND]}: {objective.name} {value:.4f}")
 
         last = run_rounds(config, runner, on_round, step=step)
-        value, epsilon = objective.value(last["eval"]), trial_epsilon(last)
+        value, epsilon = objective.value(last[keys.EVAL]), trial_epsilon(last)
         trial.set_user_attr("epsilon", epsilon)
         print(f"trial {trial.number} | done | {objective.name} {value:.4f} | eps {epsilon:.2f}", flush=True)
         return (value, epsilon) if options.multi_objective else value
@@ -266,10 +267,11 @@ def run_study(base: Config, space: SearchSpace, out: Path, options: TuneOptions,
               ) -> optuna.Study:
     """Run trials until the study holds `options.trials` finished ones."""
     if runner is None:  # Flower's engine, with Ray kept up between trials
-        from fedcl.tuning.engine import engine_runner, shared_ray
+        from fedcl.federation.engine import shared_ray
+        from fedcl.ops.run import simulate
 
         with shared_ray():
-            return run_study(base, space, out, options, runner=engine_runner, pruner=pruner)
+            return run_study(base, space, out, options, runner=simulate, pruner=pruner)
     Objective.parse(options.objective)
     out.mkdir(parents=True, exist_ok=True)
     study = open_study(options, space, out, pruner)

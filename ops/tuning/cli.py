@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedcl.tuning.study import PRUNERS, SAMPLERS
+from fedcl.ops.tuning.study import PRUNERS, SAMPLERS
 
 
 def add_parser(sub) -> None:
@@ -46,7 +46,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_tune(args) -> int:
-    from fedcl.cli import UsageError
+    from fedcl.ops.preflight import UsageError
 
     if args.report:
         return _report(args)
@@ -59,7 +59,7 @@ def cmd_tune(args) -> int:
 
 
 def _options(args, **extra):
-    from fedcl.tuning.study import TuneOptions
+    from fedcl.ops.tuning.study import TuneOptions
 
     return TuneOptions(trials=args.trials or 1, sampler=args.sampler, storage=args.storage or "",
                        study_name=args.study_name, objective=args.objective,
@@ -68,11 +68,11 @@ def _options(args, **extra):
 
 
 def _tune(args) -> int:
-    from fedcl.cli import preflight
     from fedcl.config import load_config
-    from fedcl.tuning.report import print_report, write_plots
-    from fedcl.tuning.space import load_space
-    from fedcl.tuning.study import PRIVACY_NOTE, Objective, check_objective, run_study
+    from fedcl.ops.preflight import preflight
+    from fedcl.ops.tuning.report import print_report, write_plots
+    from fedcl.ops.tuning.space import load_space
+    from fedcl.ops.tuning.study import PRIVACY_NOTE, Objective, check_objective, run_study
 
     options = _options(args)
     base = load_config(args.config, args.overrides)
@@ -109,9 +109,9 @@ def _tune(args) -> int:
 def _report(args) -> int:
     import optuna
 
-    from fedcl.cli import UsageError
-    from fedcl.tuning.report import print_report, write_plots
-    from fedcl.tuning.study import open_storage, write_best
+    from fedcl.ops.preflight import UsageError
+    from fedcl.ops.tuning.report import print_report, write_plots
+    from fedcl.ops.tuning.study import open_storage, write_best
 
     out = Path(args.out)
     url = args.storage or f"sqlite:///{(out / 'study.db').resolve()}"

@@ -33,10 +33,10 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from continual.registry import ADAPTER_DIR, Registry
-from fedcl import data
+from fedcl import data, keys
 from fedcl.config import Config
-from server.checkpoint import RunDir
+from fedcl.continual.registry import ADAPTER_DIR, Registry
+from fedcl.rundir import RunDir
 
 INSTITUTION_COLUMN = "fedcl_institution"
 
@@ -99,8 +99,8 @@ def client_files(config: Config, files: list[str]) -> dict[str, str]:
 def epsilon_spent(metrics: dict) -> dict:
     """Each client's latest reported epsilon in this job, and the largest."""
     per_client: dict[str, float] = {}
-    for record in metrics.get("rounds", []):
-        for client in record.get("clients", []):
+    for record in metrics.get(keys.ROUNDS, []):
+        for client in record.get(keys.CLIENTS, []):
             if "epsilon" in client:
                 per_client[str(client["id"])] = float(client["epsilon"])
     return {"clients": per_client, "max": max(per_client.values()) if per_client else None}
@@ -121,7 +121,7 @@ def run_update(base: Config, registry: str | Path, files: list[str], *,
                log: Callable[[str], None] = print) -> dict:
     """Run one update job and commit its version; returns the committed record.
 
-    `runner(config)` runs the federation (fedcl.simulation.run_simulation, or an
+    `runner(config)` runs the federation (fedcl.ops.run.simulate, or an
     in-process driver in tests); `check(config)` validates before the run.
     Any exception leaves the registry as it was.
     """
@@ -134,7 +134,7 @@ def run_update(base: Config, registry: str | Path, files: list[str], *,
         config = job_config(base, files, job.path / "data.jsonl", job.path / "run", job.path / "state",
                             reg.adapter_dir(parent) if parent else None)
         if config.continual_on:
-            from fedcl.continual_session import resolve_rounds
+            from fedcl.continual.schedule import resolve_rounds
 
             config = resolve_rounds(config)
         if check is not None:
@@ -171,7 +171,7 @@ def _commit(reg: Registry, job, parent: str | None, config: Config, fingerprints
         "config": recorded,
         "data_fingerprints": fingerprints,
         "clients": clients,
-        "metrics": {"old": metrics.get("initial_eval", {}), "new": metrics["rounds"][-1]["eval"]},
+        "metrics": {"old": metrics.get(keys.INITIAL_EVAL, {}), "new": metrics[keys.ROUNDS][-1][keys.EVAL]},
         "epsilon": epsilon_spent(metrics),
         "rounds": done,
     }
@@ -189,8 +189,8 @@ def words_fingerprint(words) -> str:
 def node_fingerprints(metrics: dict) -> dict[str, str]:
     """{"node <id>": sha256 of its data file} from the clients' train replies (latest per node)."""
     out: dict[str, str] = {}
-    for record in metrics.get("rounds", []):
-        for client in record.get("clients", []):
+    for record in metrics.get(keys.ROUNDS, []):
+        for client in record.get(keys.CLIENTS, []):
             if "data_sha256" in client:
                 out[f"node {client['id']}"] = words_fingerprint(client["data_sha256"])
     return out
@@ -211,7 +211,7 @@ def run_deployed_update(base: Config, registry: str | Path, *, submit: Callable[
                                "run.init_adapter": str(reg.adapter_dir(parent) if parent else "")},
                               source="update")
         if config.continual_on:
-            from fedcl.continual_session import resolve_rounds
+            from fedcl.continual.schedule import resolve_rounds
 
             config = resolve_rounds(config)
         dataset = data.load_dataset(config.data, config.train.seed)

@@ -1,13 +1,13 @@
 """Real deployment: key material, and the Flower processes of a federation.
 
-- `fedcl.deploy.certs`: a CA, the SuperLink's TLS certificate, one node-auth key
+- `fedcl.ops.deploy.certs`: a CA, the SuperLink's TLS certificate, one node-auth key
   pair per institution (`fedcl deploy certs`).
-- `fedcl.deploy.launch`: the command lines of `flower-superlink`,
+- `fedcl.ops.deploy.launch`: the command lines of `flower-superlink`,
   `flower-supernode` and `flwr`, and helpers that start and stop them (used by
   tests/test_deployment.py; the README runs the same commands by hand).
 
 `fedcl deploy` is the command-line entry; its parser lives here so that
-`fedcl/cli.py` only registers it.
+`ops/cli.py` only registers it.
 """
 
 from __future__ import annotations
@@ -36,15 +36,15 @@ def add_parser(sub) -> None:
 
 
 def cmd_deploy(args) -> int:
-    from fedcl.deploy.certs import CertError, generate_certs
-    from fedcl.deploy.launch import stage_app
+    from fedcl.ops.deploy.certs import CertError, generate_certs
+    from fedcl.ops.deploy.launch import stage_app
 
     if args.deploy_command == "certs":
         names = [n.strip() for n in args.institutions.split(",") if n.strip()]
         try:
             files = generate_certs(Path(args.out), names, hosts=args.host, overwrite=args.overwrite)
         except CertError as err:
-            from fedcl.cli import UsageError
+            from fedcl.ops.preflight import UsageError
 
             raise UsageError(str(err)) from None
         print(f"CA:        {files.ca_cert}  (give to every SuperNode and the flwr connection)")
@@ -56,7 +56,7 @@ def cmd_deploy(args) -> int:
     try:
         print(stage_app(Path(args.source), Path(args.out)))
     except FileNotFoundError as err:
-        from fedcl.cli import UsageError
+        from fedcl.ops.preflight import UsageError
 
         raise UsageError(str(err)) from None
     return 0

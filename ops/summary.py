@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedcl import keys
+
 
 def summary_rows(metrics: dict) -> list[tuple]:
     rows = []
-    initial = metrics.get("initial_eval")
+    initial = metrics.get(keys.INITIAL_EVAL)
     if initial:
         rows.append((0, initial, 0, 0))
-    for record in metrics.get("rounds", []):
-        rows.append((record["round"], record.get("eval", {}), record.get("bytes_up", 0),
-                     record.get("bytes_down", 0)))
+    for record in metrics.get(keys.ROUNDS, []):
+        rows.append((record[keys.ROUND], record.get(keys.EVAL, {}), record.get(keys.BYTES_UP, 0),
+                     record.get(keys.BYTES_DOWN, 0)))
     return rows
 
 
@@ -27,13 +29,13 @@ def print_summary(metrics: dict, run_dir: Path) -> None:
     print("  ".join(f"{h:>10}" for h in head))
     for rnd, ev, up, down in rows:
         if classification:
-            cells = (rnd, f"{ev.get('accuracy', 0):.3f}", f"{ev.get('macro_f1', 0):.3f}",
-                     f"{ev.get('majority_baseline', 0):.3f}", f"{up / 1e6:.2f}", f"{down / 1e6:.2f}")
+            cells = (rnd, f"{ev.get(keys.ACCURACY, 0):.3f}", f"{ev.get(keys.MACRO_F1, 0):.3f}",
+                     f"{ev.get(keys.MAJORITY, 0):.3f}", f"{up / 1e6:.2f}", f"{down / 1e6:.2f}")
         else:
-            cells = (rnd, f"{ev.get('loss', 0):.3f}", f"{ev.get('perplexity', 0):.1f}",
+            cells = (rnd, f"{ev.get(keys.LOSS, 0):.3f}", f"{ev.get(keys.PERPLEXITY, 0):.1f}",
                      f"{up / 1e6:.2f}", f"{down / 1e6:.2f}")
         print("  ".join(f"{c:>10}" for c in cells))
-    model = metrics.get("model", {})
+    model = metrics.get(keys.MODEL, {})
     if model.get("base_bytes"):
         print(f"\nadapter {model.get('adapter_bytes', 0) / 1e6:.2f} MB vs base model "
               f"{model['base_bytes'] / 1e6:.1f} MB; run folder: {run_dir}")
