@@ -205,6 +205,11 @@ class TrainConfig:
     positive_label: str = ""
     threshold: float = 0.5
     eval_batch_size: int = 16
+    # DP-SGD: the most examples one forward/backward pass holds (0: the whole
+    # logical batch). A logical (Poisson) batch larger than this is processed in
+    # micro-batches whose per-example gradients are clipped and summed, then
+    # noised once per logical step: memory is bounded, privacy unchanged.
+    micro_batch_size: int = 0
 
     def __post_init__(self) -> None:
         _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", self.lr, "a positive number")
@@ -215,6 +220,8 @@ class TrainConfig:
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "0 (off) or a positive number")
         _check(0.0 < self.threshold < 1.0, "train.threshold", self.threshold, "a float in (0, 1)")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "a positive integer")
+        _check(self.micro_batch_size >= 0, "train.micro_batch_size", self.micro_batch_size,
+               "0 (the whole logical batch at once) or a positive integer")
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,49 @@ def test_empty_poisson_batch_still_takes_a_noisy_step(fresh_adapter):
     assert any(not torch.equal(adapter_state(model)[k], start[k]) for k in start)
 
 
+@pytest.mark.parametrize("micro", [1, 2, 5])
+def test_micro_batches_release_the_gradient_of_the_logical_batch_in_one_piece(fresh_adapter, micro):
+    """Clipped per-example gradients summed over micro-batches, one draw of noise per logical step."""
+    config, shared, records = shared_and_records("tiny-llama", n=6)
+    labels = shared.task.labels
+    # One text for every record (so padding cannot differ between micro-batches), labels varied.
+    records = [{**records[0], "label": labels[i % len(labels)]} for i in range(6)]
+    model = fresh_adapter(shared.model)
+    load_adapter_state(model, {k: v + 0.05 * torch.randn_like(v) for k, v in adapter_state(model).items()})
+    start = adapter_state(model)
+    dp = plan(noise_multiplier=0.5, max_grad_norm=1e-3, expected_batch_size=6, steps_per_round=2)
+
+    def released(micro_batch_size: int) -> tuple[dict, object]:
+        load_adapter_state(model, start)
+        train_cfg = dataclasses.replace(config.train, micro_batch_size=micro_batch_size)
+        result = train_private(model, shared.task, records, train_cfg, config.model, dp,
+                               generator=torch.Generator().manual_seed(7),
+                               make_optimizer=lambda ps: torch.optim.SGD(ps, lr=1.0))
+        return {k: start[k] - v for k, v in adapter_state(model).items()}, result
+
+    whole, one_piece = released(0)
+    split, in_parts = released(micro)
+    assert in_parts.steps == one_piece.steps == 2  # the ledger is charged per logical step
+    assert in_parts.examples == one_piece.examples == 12
+    assert in_parts.loss == pytest.approx(one_piece.loss, rel=1e-5)
+    for key in start:
+        torch.testing.assert_close(split[key], whole[key], rtol=1e-4, atol=1e-7)
+    assert any(float(v.abs().max()) > 0 for v in whole.values())
+
+
+@pytest.mark.parametrize("indices, size, runs", [([1, 2, 3], 0, [[1, 2, 3]]), ([1, 2, 3], 3, [[1, 2, 3]]),
+                                                 ([1, 2, 3], 2, [[1, 2], [3]]), ([4], 1, [[4]])])
+def test_micro_batches_cut_a_logical_batch_in_order(indices, size, runs):
+    from fedcl.privacy.dpsgd import micro_batches
+
+    assert micro_batches(indices, size) == runs
+
+
+def test_micro_batch_size_must_not_be_negative():
+    with pytest.raises(ConfigError, match="train.micro_batch_size"):
+        load_config(None, ["train.micro_batch_size=-1"])
+
+
 # -- accounting ------------------------------------------------------------------
 # Opacus' own reference values (opacus/tests/accountants_test.py). Its PRV test
 # runs int(90 // 0.04) = 2249 steps, not 2250: floor division of floats.

@@ -20,6 +20,13 @@ per-example terms, so each example's clipped gradient covers both).
 Batches and noise come from the operating system's secure randomness, not
 from the run seed: the server knows the run seed and could otherwise
 replay the noise and subtract it.
+
+A logical batch larger than ``train.micro_batch_size`` runs as micro-batches
+(as Opacus' BatchMemoryManager does): after each but the last, the optimizer
+clips that micro-batch's per-example gradients and adds them to its running
+sum without noise or update (`signal_skip_step`); the last one closes the
+logical step with one draw of noise and one update. The released gradient is
+the same as in one piece, and the ledger counts one step per logical batch.
 """
 
 from __future__ import annotations
@@ -46,6 +53,13 @@ def poisson_batches(num_records: int, sample_rate: float, steps: int,
     for _ in range(steps):
         mask = torch.rand(num_records, generator=generator) < sample_rate
         yield mask.nonzero().flatten().tolist()
+
+
+def micro_batches(indices: list[int], size: int) -> list[list[int]]:
+    """`indices` cut into runs of at most `size` (0: one run)."""
+    if size <= 0 or size >= len(indices):
+        return [list(indices)]
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
 def _empty_grad_samples(params: list[torch.nn.Parameter]) -> None:
@@ -101,18 +115,32 @@ def train_private(model, task, records: list, train_cfg: TrainConfig, model_cfg:
                             generator=generator)
     model.train()
     start, losses, examples, tokens = time.perf_counter(), [], 0, 0
+
+    def backward(chunk: list[int]) -> float:
+        """Forward and backward one micro-batch; its summed loss (the per-sample gradients are hooked)."""
+        nonlocal tokens
+        batch = task.encode([records[i] for i in chunk])
+        with autocast(model_cfg):
+            loss = (batch_loss(model, batch) if batch_loss is not None
+                    else task.per_example_loss(model, batch).mean())
+        loss.backward()
+        tokens += int(batch.attention_mask.sum())
+        return float(loss.detach()) * len(chunk)
+
     try:
         batches = poisson_batches(len(records), plan.sample_rate, plan.steps_per_round, generator)
         for step, indices in enumerate(batches):
             optimizer.zero_grad(set_to_none=True)
             if indices:
-                batch = task.encode([records[i] for i in indices])
-                with autocast(model_cfg):
-                    loss = (batch_loss(model, batch) if batch_loss is not None
-                            else task.per_example_loss(model, batch).mean())
-                loss.backward()
-                losses.append(float(loss.detach()))
-                tokens += int(batch.attention_mask.sum())
+                chunks = micro_batches(indices, train_cfg.micro_batch_size)
+                total = 0.0
+                for chunk in chunks[:-1]:  # clipped and summed, no noise, no update
+                    total += backward(chunk)
+                    optimizer.signal_skip_step(do_skip=True)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)  # keeps the running sum
+                total += backward(chunks[-1])
+                losses.append(total / len(indices))
             else:
                 _empty_grad_samples(params)
             dp_step(optimizer, *after_noise)
