@@ -101,6 +101,12 @@ MAJORITY = "majority_baseline"  # accuracy of always answering the split's most 
 PER_CLASS = "per_class"
 LOSS = "loss"
 PERPLEXITY = "perplexity"
+# binary tasks: the positive class's scores, ranked (fedcl.metrics.ranking_report)
+ROC_AUC = "roc_auc"
+AVERAGE_PRECISION = "average_precision"
+RECALL_AT_PRECISION = "recall_at_precision"
+THRESHOLD_AT_PRECISION = "threshold_at_precision"
+TARGET_PRECISION = "target_precision"
 
 # one client's entry under CLIENTS
 CLIENT_ID = "id"

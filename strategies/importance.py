@@ -8,7 +8,7 @@ ArrayRecord (``importance``). The server checks each against the adapter's
 schema, takes the example-weighted mean, and from the next round on sends it
 down with the global adapter (``importance`` plus ``importance-task``) until
 the next task ends. A client closing that task anchors EWC with this shared
-importance instead of its own (continual/session.py).
+importance instead of its own (continual/node.py).
 
 `FederatedImportance` is an option of the aggregation: a part of
 `strategies.strategy.FedclStrategy` present only when the run asks for it.

@@ -175,3 +175,50 @@ def test_calibration_offset_comes_from_the_base_model_not_the_adapter():
                 if "lora_B" in name:
                     param.zero_()
     assert torch.allclose(first, again, atol=1e-6)
+
+
+# -- ranking figures of a binary task, against scikit-learn's --------------------------
+RANKING_CASES = [
+    # (labels, scores): ties across classes, a perfect ranking, a reversed one, a rare positive
+    ([1, 0, 1, 1, 0, 0, 1, 0], [0.9, 0.8, 0.8, 0.6, 0.5, 0.5, 0.3, 0.1]),
+    ([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]),
+    ([1, 1, 0, 0], [0.1, 0.2, 0.3, 0.4]),
+    ([0] * 19 + [1], [i / 20 for i in range(20)]),
+    ([1, 0, 1, 0, 1, 0], [0.5] * 6),
+]
+
+
+@pytest.mark.parametrize("y_true, scores", RANKING_CASES)
+def test_ranking_figures_equal_scikit_learn(y_true, scores):
+    sk = pytest.importorskip("sklearn.metrics")
+    from fedcl.metrics import average_precision, roc_auc
+
+    assert roc_auc(y_true, scores) == pytest.approx(sk.roc_auc_score(y_true, scores), abs=1e-12)
+    assert average_precision(y_true, scores) == pytest.approx(sk.average_precision_score(y_true, scores),
+                                                              abs=1e-12)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.75, 0.9, 1.0])
+@pytest.mark.parametrize("y_true, scores", RANKING_CASES)
+def test_recall_at_precision_is_the_best_recall_scikit_learn_finds(y_true, scores, target):
+    sk = pytest.importorskip("sklearn.metrics")
+    from fedcl.metrics import recall_at_precision
+
+    precision, recall, thresholds = sk.precision_recall_curve(y_true, scores)
+    reachable = [r for p, r in zip(precision[:-1], recall[:-1]) if p >= target]
+    got, threshold = recall_at_precision(y_true, scores, target)
+    assert got == pytest.approx(max(reachable, default=0.0))
+    if threshold is not None:  # flagging at the threshold gives that recall at that precision
+        flagged = [t for t, s in zip(y_true, scores) if s >= threshold]
+        assert sum(flagged) / len(flagged) >= target
+        assert sum(flagged) / sum(y_true) == pytest.approx(got)
+
+
+def test_ranking_figures_without_one_class_are_undefined_not_zero():
+    from fedcl.metrics import ranking_report
+
+    report = ranking_report([0, 0, 0], [0.2, 0.5, 0.1], precision=0.9)
+    assert report["roc_auc"] is None and report["average_precision"] is None
+    assert report["recall_at_precision"] == 0.0 and report["threshold_at_precision"] is None
+    with pytest.raises(ValueError, match="precision"):
+        ranking_report([0, 1], [0.2, 0.5], precision=0.0)
