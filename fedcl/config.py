@@ -81,9 +81,17 @@ class LoraConfig:
     target_modules: str = "auto"
     # Seed of the adapter's initialisation: every node builds the same start.
     init_seed: int = 0
+    # LoRA in the top k decoder layers only (0: all layers). Everything below is
+    # frozen, so its output is computed once per record and kept in the node
+    # (`fedcl.frozen`); a step then runs the top k layers alone, about
+    # layers/k times cheaper. At most the model's layer count (after model.layers).
+    top_layers: int = 0
 
     def __post_init__(self) -> None:
         _check(1 <= self.r <= 1024, "lora.r", self.r, "an integer in [1, 1024]")
+        _check(isinstance(self.top_layers, int) and not isinstance(self.top_layers, bool)
+               and self.top_layers >= 0, "lora.top_layers", self.top_layers,
+               "0 (all layers) or a positive integer, at most the model's layer count")
         _check(self.alpha > 0, "lora.alpha", self.alpha, "a positive integer")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "a float in [0, 1)")
         _check(

