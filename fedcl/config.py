@@ -213,6 +213,9 @@ class TrainConfig:
     # predicted (e.g. flag high risk at 0.4 to raise its recall).
     positive_label: str = ""
     threshold: float = 0.5
+    # Binary tasks with a positive_label: evaluations report the best recall of
+    # that class at this precision, and the probability threshold that gives it.
+    target_precision: float = 0.9
     eval_batch_size: int = 16
     # DP-SGD: the most examples one forward/backward pass holds (0: the whole
     # logical batch). A logical (Poisson) batch larger than this is processed in
@@ -228,6 +231,8 @@ class TrainConfig:
         _check(0.0 <= self.label_smoothing < 1.0, "train.label_smoothing", self.label_smoothing, "a float in [0, 1)")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "0 (off) or a positive number")
         _check(0.0 < self.threshold < 1.0, "train.threshold", self.threshold, "a float in (0, 1)")
+        _check(0.0 < self.target_precision <= 1.0, "train.target_precision", self.target_precision,
+               "a float in (0, 1]")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "a positive integer")
         _check(self.micro_batch_size >= 0, "train.micro_batch_size", self.micro_batch_size,
                "0 (the whole logical batch at once) or a positive integer")

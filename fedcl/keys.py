@@ -128,7 +128,12 @@ def report_to_reply(report: dict) -> dict:
     """An evaluation report's numeric figures as reply metrics (its example count left to the caller)."""
     return {key.replace("_", "-") if key in _SNAKE_TIMINGS else key: float(value)
             for key, value in report.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != NUM_EXAMPLES}
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            and key != NUM_EXAMPLES and key not in RANKING}
 
 
 _SNAKE_TIMINGS = ("eval_seconds",)  # evaluation figures keep their names; timings travel kebab-case
+# Figures of a whole split's ranking stay with the server's evaluation: averaging
+# clients' AUCs means nothing, and a client holding one class has none to send
+# (its reply would then lack keys the others send).
+RANKING = (ROC_AUC, AVERAGE_PRECISION, RECALL_AT_PRECISION, THRESHOLD_AT_PRECISION, TARGET_PRECISION)

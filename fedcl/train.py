@@ -96,13 +96,21 @@ def _chunks(records: list, size: int) -> Iterator[list]:
         yield records[i:i + size]
 
 
+def positive_index(task: ClassificationTask, train_cfg: TrainConfig) -> int | None:
+    """The class index of `train.positive_label` in a binary task, else None."""
+    if not (train_cfg.positive_label and len(task.labels) == 2):
+        return None
+    pos = task.index.get(train_cfg.positive_label)
+    if pos is None:
+        raise ValueError(f"train.positive_label: got {train_cfg.positive_label!r}, "
+                         f"expected one of {', '.join(task.labels)}")
+    return pos
+
+
 def predict(task: ClassificationTask, probs: torch.Tensor, train_cfg: TrainConfig) -> list[int]:
     """Argmax, or for a binary task with a named positive class, its probability threshold."""
-    if train_cfg.positive_label and len(task.labels) == 2:
-        pos = task.index.get(train_cfg.positive_label)
-        if pos is None:
-            raise ValueError(f"train.positive_label: got {train_cfg.positive_label!r}, "
-                             f"expected one of {', '.join(task.labels)}")
+    pos = positive_index(task, train_cfg)
+    if pos is not None:
         return [pos if p[pos] >= train_cfg.threshold else 1 - pos for p in probs.tolist()]
     return probs.argmax(dim=1).tolist()
 
@@ -118,7 +126,8 @@ def evaluate(model, task, records: list, train_cfg: TrainConfig, model_cfg: Mode
         if isinstance(task, ClassificationTask):
             return {**metrics.classification_report([], [], task.labels), metrics.LOSS: 0.0}
         return metrics.language_model_report(0.0, 0, 0)
-    total_loss, total_tokens, y_true, y_pred = 0.0, 0, [], []
+    total_loss, total_tokens, y_true, y_pred, positive_scores = 0.0, 0, [], [], []
+    pos = positive_index(task, train_cfg) if isinstance(task, ClassificationTask) else None
     for chunk in _chunks(records, train_cfg.eval_batch_size):
         batch: Batch = task.encode(chunk)
         with autocast(model_cfg):
@@ -128,7 +137,10 @@ def evaluate(model, task, records: list, train_cfg: TrainConfig, model_cfg: Mode
                     logits, batch.targets, reduction="sum"))
                 total_tokens += len(chunk)
                 y_true += batch.targets.tolist()
-                y_pred += predict(task, logits.softmax(dim=1), train_cfg)
+                probs = logits.softmax(dim=1)
+                y_pred += predict(task, probs, train_cfg)
+                if pos is not None:
+                    positive_scores += probs[:, pos].tolist()
             else:
                 counts = task.token_counts(batch)
                 total_loss += float((task.per_example_loss(model, batch) * counts).sum())
@@ -136,5 +148,8 @@ def evaluate(model, task, records: list, train_cfg: TrainConfig, model_cfg: Mode
     if isinstance(task, ClassificationTask):
         report = metrics.classification_report(y_true, y_pred, task.labels)
         report[metrics.LOSS] = total_loss / max(total_tokens, 1)
+        if pos is not None:  # a binary task with a class that matters: how well it is ranked
+            report.update(metrics.ranking_report([int(t == pos) for t in y_true], positive_scores,
+                                                 precision=train_cfg.target_precision))
         return report
     return metrics.language_model_report(total_loss, total_tokens, len(records))

@@ -222,3 +222,34 @@ def test_ranking_figures_without_one_class_are_undefined_not_zero():
     assert report["recall_at_precision"] == 0.0 and report["threshold_at_precision"] is None
     with pytest.raises(ValueError, match="precision"):
         ranking_report([0, 1], [0.2, 0.5], precision=0.0)
+
+
+def test_binary_evaluation_ranks_the_positive_class_and_keeps_it_off_the_wire(tiny):
+    import dataclasses
+
+    from fedcl.keys import RANKING, report_to_reply
+
+    config, model, tokenizer = tiny
+    task = ClassificationTask(tokenizer, ["bad", "good"], config.data, config.model, config.train)
+    data = records(24, labels=("bad", "good"))
+    flag_bad = dataclasses.replace(config.train, positive_label="bad", target_precision=0.6)
+    report = evaluate(model, task, data, flag_bad, config.model)
+    with torch.no_grad():
+        probs = task.logits(model, task.encode(data)).softmax(dim=1)[:, 0].tolist()
+    truth = [int(r["label"] == "bad") for r in data]
+    assert report["roc_auc"] == pytest.approx(metrics.roc_auc(truth, probs), abs=1e-6)
+    assert report["average_precision"] == pytest.approx(metrics.average_precision(truth, probs), abs=1e-6)
+    assert report["target_precision"] == 0.6
+    assert (report["recall_at_precision"], report["threshold_at_precision"]) == pytest.approx(
+        metrics.recall_at_precision(truth, probs, 0.6), abs=1e-6)
+    assert not set(RANKING) & set(report_to_reply(report))  # a client sends none of them
+    plain = evaluate(model, task, data, config.train, config.model)  # no positive class: no ranking
+    assert not set(RANKING) & set(plain)
+
+
+def test_target_precision_must_be_a_precision():
+    from fedcl.config import ConfigError
+
+    for bad in ("0", "1.5", "nan"):
+        with pytest.raises(ConfigError, match="train.target_precision"):
+            load_config(None, [f"train.target_precision={bad}"])
