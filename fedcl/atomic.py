@@ -5,7 +5,8 @@ ledgers, replay buffers, EWC importances, the adapter registry index, keys and
 certificates) is written through here: a temporary file in the same folder,
 flushed and fsynced, then `os.replace`d over the target, then the folder
 fsynced so the rename itself survives a crash. A failed write leaves the old
-file and no temporary file behind.
+file and no temporary file behind. Reading them back is `fedcl.statefile`'s
+job: parsed and shape-checked, never trusted.
 """
 
 from __future__ import annotations

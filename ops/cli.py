@@ -65,7 +65,10 @@ def resolve_config(args) -> tuple[Config, Path]:
             raise UsageError("--resume continues a run with its own config; only --rounds and "
                              f"federation.timeout may change (got {refused})")
         config = load_config(run / "config.toml", args.overrides)
-        return config.replace(flags, source="flags"), run
+        # The folder resumed is the folder written: a copied run folder's config.toml
+        # still names the original's run.out_dir.
+        flags["run.out_dir"] = str(run.resolve())
+        return config.replace(flags, source="--resume"), run
     config = load_config(args.config, args.overrides)
     if args.data:
         flags.update({"data.path": args.data, "data.dataset": ""})
@@ -98,6 +101,8 @@ def cmd_simulate(args) -> int:
     if args.resume and done >= config.federation.rounds:
         print(f"{out}: already has {done} rounds; pass --rounds N with N > {done} to add more")
         return 0
+    if args.resume:
+        run_dir.check()  # every state file the server will read, before anything is written
     preflight(config)
     simulate(config)
     finished = run_dir.completed_rounds()

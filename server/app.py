@@ -15,7 +15,6 @@ section, committed with the round (see fedcl/continual/tracker.py).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -69,8 +68,9 @@ def main(grid: Grid, context: Context) -> None:
         state = _load_round(evaluator, run_dir, done)
         logger.info("resuming %s after round %d", run_dir.path, done)
     strategy = build_strategy(config, round_offset=done, reply_template=evaluator.shared.initial_state)
-    if done and run_dir.strategy_state_file.exists():  # moments, momentum: resume exactly
-        strategy.load_state_dict(json.loads(run_dir.strategy_state_file.read_text(encoding="utf-8")))
+    saved = run_dir.strategy_state() if done else None
+    if saved is not None:  # moments, momentum: resume exactly
+        strategy.load_state_dict(saved)
     if continual is not None:
         strategy.set_round_config(continual.round_config)
     progress = RoundProgress(config.federation.rounds, done)

@@ -33,11 +33,13 @@ def add_parser(sub) -> None:
                           "included) before filtering; a staged copy builds the bundle in seconds.")
     app.add_argument("--out", metavar="DIR", required=True)
     app.add_argument("--source", metavar="REPO", default=".", help="the fedcl repository (default: .)")
+    app.add_argument("--overwrite", action="store_true",
+                     help="replace DIR even if it holds files fedcl did not stage there")
 
 
 def cmd_deploy(args) -> int:
     from fedcl.ops.deploy.certs import CertError, generate_certs
-    from fedcl.ops.deploy.launch import stage_app
+    from fedcl.ops.deploy.launch import StageError, stage_app
 
     if args.deploy_command == "certs":
         names = [n.strip() for n in args.institutions.split(",") if n.strip()]
@@ -54,8 +56,8 @@ def cmd_deploy(args) -> int:
                   f"{files.node_public_key(name)} (register with `flwr supernode register`)")
         return 0
     try:
-        print(stage_app(Path(args.source), Path(args.out)))
-    except FileNotFoundError as err:
+        print(stage_app(Path(args.source), Path(args.out), overwrite=args.overwrite))
+    except (FileNotFoundError, StageError) as err:
         from fedcl.ops.preflight import UsageError
 
         raise UsageError(str(err)) from None

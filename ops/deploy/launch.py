@@ -295,18 +295,35 @@ def wait_for(condition: Callable[[], bool], *, timeout: float, what: str,
 APP_PACKAGES = ("fedcl", "continual", "federation", "strategies", "client", "server", "ops")
 
 
-def stage_app(source: Path, target: Path) -> Path:
+APP_MARK = ".fedcl-staged-app"  # no FAB pattern matches it, so it never enters the bundle
+
+
+class StageError(ValueError):
+    """The folder to stage the app into holds something fedcl did not put there."""
+
+
+def stage_app(source: Path, target: Path, *, overwrite: bool = False) -> Path:
     """Copy what the Flower app bundle needs (pyproject.toml and the packages' .py
     files) into `target`, so that `flwr run target` builds its FAB without walking
-    `.venv/`, `runs/` or data (`flwr run .` in the repository works too, slower)."""
+    `.venv/`, `runs/` or data (`flwr run .` in the repository works too, slower).
+
+    `target` may be absent, empty, or a folder this function staged before (its
+    mark file): that is replaced. Any other folder is refused unless `overwrite`."""
     import shutil
 
     source, target = Path(source), Path(target)
     if not (source / "pyproject.toml").is_file():
         raise FileNotFoundError(f"{source}: no pyproject.toml (not the fedcl repository)")
-    if target.exists():
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise StageError(f"--out {target}: exists and is not a folder; choose another --out")
+    if target.exists() and any(target.iterdir()):
+        if not overwrite and not (target / APP_MARK).is_file():
+            raise StageError(f"--out {target}: a folder fedcl did not stage, and not empty; "
+                             "choose a new or empty folder, or pass --overwrite to replace "
+                             "everything in it")
         shutil.rmtree(target)
-    target.mkdir(parents=True)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / APP_MARK).write_text(f"staged by fedcl from {source.resolve()}\n", encoding="utf-8")
     shutil.copy2(source / "pyproject.toml", target / "pyproject.toml")
     for package in APP_PACKAGES:
         for path in (source / package).rglob("*.py"):
