@@ -72,6 +72,8 @@ BYTES_DOWN_EVAL = "bytes_down_eval"
 BYTES_UP_EVAL = "bytes_up_eval"
 FAILURES = "failures"  # error replies
 REJECTED = "rejected"  # replies that failed screening
+REJECTED_EVAL = "rejected_eval"  # evaluation replies that failed screening (left out of federated_eval)
+REJECTED_EVAL_CLIENTS = "rejected_eval_clients"  # their entries (id, node_id, why); only when there are some
 REFUSED = "refused"  # clients that declined to train (privacy budget)
 IDLE = "idle"  # clients without records of the round's task
 STARTED_AT = "started_at"  # wall clock at configure_train; replaced by ROUND_SECONDS
@@ -110,6 +112,7 @@ TARGET_PRECISION = "target_precision"
 
 # one client's entry under CLIENTS
 CLIENT_ID = "id"
+CLIENT_NODE_ID = "node_id"  # the node's authenticated id (Flower's src_node_id); id is what it reports
 NUM_EXAMPLES = "num_examples"  # also the example count of every evaluation report
 CLIENT_REJECTED = "rejected"  # why the reply failed screening (only on rejected replies)
 

@@ -7,7 +7,8 @@
 - samples clients reproducibly from the run seed and the run round,
 - keeps one record per run round (``records``, which the ServerApp pops after
   its evaluation): the bytes the messages carried each way, every client's
-  reply, and the failures, rejections, refusals and idle clients,
+  reply (its entry names the partition id it reported and its node id), and
+  the failures, rejections (train and evaluation), refusals and idle clients,
 - stamps every round's ConfigRecord with the run round and the extra entries
   of `set_round_config` (e.g. the continual task).
 """
@@ -23,7 +24,7 @@ from flwr.supercore import log
 
 from fedcl import keys
 from fedcl.federation.messages import message_bytes, reply_metrics
-from fedcl.strategies.screening import number
+from fedcl.strategies.screening import check_metrics, client_label, number, whole
 
 
 class RoundBook:
@@ -68,9 +69,15 @@ class RoundBook:
             for key, value in extra.items():
                 record[key] = value
 
+    def round_task(self, server_round: int) -> int | None:
+        """The continual task the round's ConfigRecord names (None without one)."""
+        extra = self.round_config(self.run_round(server_round)) if self.round_config is not None else {}
+        return None if keys.TASK not in extra else int(extra[keys.TASK])
+
     def take_replies(self, rec: dict, replies: Iterable[Message]) -> list[tuple[Message, dict]]:
-        """Count bytes, failures, refusals and idle clients and record each client; return the
-        replies that carry arrays, each with its client entry (for screening to annotate)."""
+        """Count bytes, failures, rejected metrics, refusals and idle clients and record each
+        client; return the replies that carry arrays, each with its client entry (for screening
+        to annotate)."""
         with_arrays = []
         for msg in replies:
             if msg.has_error():
@@ -78,10 +85,14 @@ class RoundBook:
                 log(WARNING, "round %d: node %d failed: %s", rec[keys.ROUND],
                     msg.metadata.src_node_id, msg.error.reason)
                 continue
-            rec[keys.BYTES_UP] += message_bytes(msg.content)
-            metrics = reply_metrics(msg)
-            entry = keys.reply_to_record(dict(metrics))
+            rec[keys.BYTES_UP] += content_bytes(msg)
+            reason = check_metrics(msg.content.metric_records)
+            entry = client_entry(msg, valid=reason is None)
             rec[keys.CLIENTS].append(entry)
+            if reason is not None:
+                self.reject(rec, entry, client_label(msg), reason)
+                continue
+            metrics = reply_metrics(msg)
             status = int(number(metrics, keys.STATUS, keys.STATUS_OK))
             if keys.ARRAYS in msg.content.array_records:
                 with_arrays.append((msg, entry))
@@ -92,7 +103,7 @@ class RoundBook:
                 log(WARNING, "round %d: client %d refused to train (status %d, epsilon %.3f)",
                     rec[keys.ROUND], int(number(metrics, keys.PARTITION_ID, -1)), status,
                     number(metrics, keys.EPSILON, float("nan")))
-        rec[keys.CLIENTS].sort(key=lambda c: c[keys.CLIENT_ID])
+        rec[keys.CLIENTS].sort(key=lambda c: (c[keys.CLIENT_ID], c[keys.CLIENT_NODE_ID]))
         return with_arrays
 
     def reject(self, rec: dict, entry: dict, client: str, reason: str) -> None:
@@ -110,12 +121,44 @@ class RoundBook:
         log(INFO, "round %d: aggregating %d replies", rec[keys.ROUND], len(usable))
         return True
 
-    def note_evaluation(self, rec: dict, replies: list[Message]) -> None:
-        """Bytes the evaluation replies carried and the slowest client's evaluation time."""
-        rec[keys.BYTES_UP_EVAL] = sum(message_bytes(r.content) for r in replies)
-        seconds = [float(number(m, keys.EVAL_SECONDS)) for r in replies
-                   for m in r.content.metric_records.values()]
+    def reject_evaluation(self, rec: dict, msg: Message, reason: str) -> None:
+        """Count an evaluation reply left out of the federated evaluation, and say why."""
+        rec[keys.REJECTED_EVAL] = rec.get(keys.REJECTED_EVAL, 0) + 1
+        entry = client_entry(msg, valid=False)
+        entry[keys.CLIENT_REJECTED] = reason
+        rec.setdefault(keys.REJECTED_EVAL_CLIENTS, []).append(entry)
+        log(WARNING, "round %d: evaluation reply of client %s rejected: %s", rec[keys.ROUND],
+            client_label(msg), reason)
+
+    def note_evaluation(self, rec: dict, replies: list[Message], admitted: list[Message]) -> None:
+        """Bytes the evaluation replies carried, how many were rejected, and the slowest
+        admitted client's evaluation time."""
+        rec[keys.BYTES_UP_EVAL] = sum(content_bytes(r) for r in replies)
+        rec.setdefault(keys.REJECTED_EVAL, 0)
+        seconds = [float(number(reply_metrics(r), keys.EVAL_SECONDS)) for r in admitted]
         rec[keys.CLIENT_EVAL_SECONDS_MAX] = max(seconds, default=0.0)
+
+
+def content_bytes(msg: Message) -> int:
+    """What a reply carried; 0 for one Flower could not have sent (a value its records refuse)."""
+    try:
+        return message_bytes(msg.content)
+    except TypeError:  # e.g. a string written past MetricRecord's type check
+        return 0
+
+
+def client_entry(msg: Message, *, valid: bool) -> dict:
+    """A reply's entry under a round's ``clients``: the partition id it reported, its node id,
+    its example count, then (`valid`: it passed `check_metrics`) the rest of its metrics."""
+    node = msg.metadata.src_node_id
+    metrics = reply_metrics(msg)
+    if valid:
+        entry = keys.reply_to_record(dict(metrics))
+        return {keys.CLIENT_ID: entry.pop(keys.CLIENT_ID), keys.CLIENT_NODE_ID: node, **entry}
+    # What it reported cannot be trusted to be JSON or a number: only usable identities.
+    partition, examples = metrics.get(keys.PARTITION_ID), metrics.get(keys.NUM_EXAMPLES_MSG)
+    return {keys.CLIENT_ID: int(partition) if whole(partition) else -1, keys.CLIENT_NODE_ID: node,
+            keys.NUM_EXAMPLES: int(examples) if whole(examples) else 0}
 
 
 def bytes_sent(messages: list[Message]) -> int:

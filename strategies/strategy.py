@@ -36,11 +36,13 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from flwr.supercore import log
 
 from fedcl import keys
+from fedcl.federation.messages import reply_metrics
 from fedcl.privacy.accounting import ClientDPPlan
 from fedcl.strategies.dp import ClientLevelDP
 from fedcl.strategies.importance import FederatedImportance
 from fedcl.strategies.rounds import RoundBook, bytes_sent
-from fedcl.strategies.screening import ReplyScreen, client_label, number
+from fedcl.strategies.screening import (ReplyScreen, check_agreement, check_metrics, client_label,
+                                        metric_keys, number, project_metrics)
 
 
 class InnerState(Protocol):
@@ -129,7 +131,7 @@ class FedclStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rec = self.book.record(server_round)
-        usable = self._screen(rec, replies)
+        usable = self._screen(rec, replies, task=self.book.round_task(server_round))
         if self.client_dp is not None:
             for msg in usable:
                 self.client_dp.clip(msg, self.screen.start(), rec)
@@ -158,13 +160,23 @@ class FedclStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         answered = [r for r in replies if not r.has_error()]
         rec = self.book.record(server_round)
-        self.book.note_evaluation(rec, answered)
-        weight = sum(number(m, keys.NUM_EXAMPLES_MSG) for r in answered
-                     for m in r.content.metric_records.values())
+        # A bad evaluation reply is left out of the average, never allowed to stop the run.
+        admitted = []
+        for msg in answered:
+            reason = check_metrics(msg.content.metric_records)
+            if reason is not None:
+                self.book.reject_evaluation(rec, msg, reason)
+            else:
+                admitted.append(msg)
+        admitted, kept = self._agreeing(admitted, lambda msg, why: self.book.reject_evaluation(rec, msg, why))
+        for msg in admitted:
+            project_metrics(msg, kept)
+        self.book.note_evaluation(rec, answered, admitted)
+        weight = sum(number(reply_metrics(r), keys.NUM_EXAMPLES_MSG) for r in admitted)
         # No client holds evaluation records (e.g. data.eval_fraction = 0): nothing to average.
-        if not answered or not weight > 0:
+        if not admitted or not weight > 0:
             return None
-        result = self.inner.aggregate_evaluate(self.book.run_round(server_round), answered)
+        result = self.inner.aggregate_evaluate(self.book.run_round(server_round), admitted)
         if result is not None:
             rec[keys.FEDERATED_EVAL] = {k: v for k, v in result.items() if k != keys.PARTITION_ID}
         return result
@@ -196,23 +208,42 @@ class FedclStrategy(Strategy):
             self.screen.encode_global(content, train=train)
         return contents
 
-    def _screen(self, rec: dict, replies: Iterable[Message]) -> list[Message]:
+    def _screen(self, rec: dict, replies: Iterable[Message], *, task: int | None) -> list[Message]:
         """The replies fit to aggregate, each holding its float32 absolute state (the rest are
-        counted in `rec`)."""
+        counted in `rec`); `task`: the continual task the round trains (None: none)."""
+        taken = self.book.take_replies(rec, replies)
+        entries = {id(msg): entry for msg, entry in taken}
+        agreeing, kept = self._agreeing([msg for msg, _ in taken], lambda msg, reason: self.book.reject(
+            rec, entries[id(msg)], client_label(msg), reason))
         usable = []
-        for msg, entry in self.book.take_replies(rec, replies):
+        for msg in agreeing:
             # taken off before anything else: Flower aggregates exactly one ArrayRecord per reply
             importance = msg.content.array_records.get(keys.IMPORTANCE)
             if importance is not None:
                 del msg.content[keys.IMPORTANCE]
-            reason = self.screen.admit(msg)
+            reason = self.screen.admit(msg, task=task)
             if reason is not None:
-                self.book.reject(rec, entry, client_label(msg), reason)
+                self.book.reject(rec, entries[id(msg)], client_label(msg), reason)
                 continue
             if self.importance is not None and importance is not None:
                 self.importance.take(msg, importance, self.screen.template(), rec)
+            project_metrics(msg, kept)
             usable.append(msg)
         return usable
+
+    @staticmethod
+    def _agreeing(replies: list[Message],
+                  reject: Callable[[Message, str], None]) -> tuple[list[Message], frozenset[str]]:
+        """The replies whose metric keys agree (`check_agreement`) and the keys the inner strategy
+        is to aggregate (`project_metrics`); `reject(msg, reason)` is called for the others."""
+        kept, reasons = check_agreement([metric_keys(msg) for msg in replies])
+        agreeing = []
+        for msg, reason in zip(replies, reasons):
+            if reason is not None:
+                reject(msg, reason)
+            else:
+                agreeing.append(msg)
+        return agreeing, kept
 
 
 def flower_kwargs(config) -> dict:
