@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 # Each module writes bench/results/<RESULT> when run and has render(result) -> markdown lines.
-BENCHMARKS = ["bench.foundation", "bench.privacy_overhead", "bench.deployment", "bench.tuning",
+BENCHMARKS = ["bench.foundation", "bench.privacy_overhead", "bench.frozen", "bench.deployment", "bench.tuning",
               "bench.strategies", "bench.continual", "bench.privacy_utility"]
 
 
