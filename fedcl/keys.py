@@ -113,6 +113,11 @@ TARGET_PRECISION = "target_precision"
 # one client's entry under CLIENTS
 CLIENT_ID = "id"
 CLIENT_NODE_ID = "node_id"  # the node's authenticated id (Flower's src_node_id); id is what it reports
+
+# the privacy section (PRIVACY)
+PRIVACY_NODES = "nodes"  # node id -> the id it reported and its last lifetime epsilon
+MAX_CLIENT_EPSILON = "max_client_epsilon"
+EPSILON_WENT_BACK = "epsilon_went_back"  # nodes whose reported lifetime epsilon decreased
 NUM_EXAMPLES = "num_examples"  # also the example count of every evaluation report
 CLIENT_REJECTED = "rejected"  # why the reply failed screening (only on rejected replies)
 

@@ -93,7 +93,8 @@ def main(grid: Grid, context: Context) -> None:
         if continual is not None:  # the matrix row is committed with the round
             continual.after_round(run_round, state, record)
         if keys.PRIVACY in metrics:
-            privacy_report.note_clients(metrics[keys.PRIVACY], record.get(keys.CLIENTS, []))
+            privacy_report.note_clients(metrics[keys.PRIVACY], record.get(keys.CLIENTS, []),
+                                        server_round=run_round)
         record[keys.SERVER_EVAL_SECONDS] = time.perf_counter() - started
         if keys.STARTED_AT in record:
             record[keys.ROUND_SECONDS] = time.time() - record.pop(keys.STARTED_AT)

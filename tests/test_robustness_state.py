@@ -379,3 +379,20 @@ def test_update_refuses_a_broken_index_before_writing(tmp_path, capsys, no_engin
                         write_drop(tmp_path / "a.jsonl"), "--set", "model.name=tiny-llama")
     assert_one_line_error(code, err, str(reg.index_file), "registry index is a list")
     assert snapshot(reg.root) == before
+
+
+def test_the_server_flags_a_node_whose_lifetime_epsilon_goes_back_and_keeps_the_maximum():
+    from fedcl.privacy.report import note_clients
+
+    section: dict = {}
+    note_clients(section, [{"id": 0, "node_id": 11, "epsilon": 2.0}, {"id": 1, "node_id": 12, "epsilon": 3.0}],
+                 server_round=1)
+    assert section["max_client_epsilon"] == 3.0 and "epsilon_went_back" not in section
+    # node 12 resets its ledger and reports under client 0's id: flagged, and the maximum stands
+    note_clients(section, [{"id": 0, "node_id": 12, "epsilon": 0.5}, {"id": 1, "node_id": 11, "epsilon": 2.5}],
+                 server_round=2)
+    assert section["epsilon_went_back"] == [{"node_id": 12, "id": 0, "round": 2, "before": 3.0, "now": 0.5}]
+    assert section["max_client_epsilon"] == 3.0
+    assert section["nodes"]["12"]["epsilon"] == 3.0  # what the node has spent at least
+    note_clients(section, [{"id": 1, "node_id": 11, "epsilon": 4.0}], server_round=3)
+    assert section["max_client_epsilon"] == 4.0

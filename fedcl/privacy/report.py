@@ -8,11 +8,14 @@ which depend on its number of records, and its lifetime epsilon).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from fedcl import keys
 from fedcl.config import Config
 from fedcl.privacy.ledger import LEDGER_FILE, PrivacyLedger
+
+logger = logging.getLogger("fedcl.privacy")
 
 
 def run_section(config: Config) -> dict:
@@ -34,19 +37,39 @@ def run_section(config: Config) -> dict:
     }
 
 
-def note_clients(section: dict, clients: list[dict]) -> None:
-    """Record each client's reported DP parameters and latest epsilon in `section`."""
+def note_clients(section: dict, clients: list[dict], *, server_round: int | None = None) -> None:
+    """Record each client's reported DP parameters and latest epsilon in `section`.
+
+    Per reported id (what users read) and per node (the authenticated id): a
+    node's lifetime epsilon can only grow, so one that goes back (a reset or
+    swapped ledger, or a node reporting under another's id) is flagged and
+    logged, and the maximum is taken over both views, so no report can lower it.
+    """
     known = section.setdefault(keys.CLIENTS, {})
+    nodes = section.setdefault(keys.PRIVACY_NODES, {})
     for client in clients:
-        if "epsilon" not in client:
+        if keys.EPSILON not in client:
             continue
-        entry = known.setdefault(str(client["id"]), {})
-        entry["epsilon"] = client["epsilon"]
+        entry = known.setdefault(str(client[keys.CLIENT_ID]), {})
+        entry[keys.EPSILON] = client[keys.EPSILON]
         for key in ("noise_multiplier", "sample_rate"):
             if key in client:
                 entry[key] = client[key]
-    if known:
-        section["max_client_epsilon"] = max(c["epsilon"] for c in known.values())
+        node = client.get(keys.CLIENT_NODE_ID)
+        if node is None:
+            continue
+        before = nodes.get(str(node), {}).get(keys.EPSILON)
+        if before is not None and client[keys.EPSILON] < before * (1 - 1e-9):
+            section.setdefault(keys.EPSILON_WENT_BACK, []).append(
+                {keys.CLIENT_NODE_ID: node, keys.CLIENT_ID: client[keys.CLIENT_ID], "round": server_round,
+                 "before": before, "now": client[keys.EPSILON]})
+            logger.warning("round %s: node %s reported lifetime epsilon %.4g, below its earlier %.4g: "
+                           "its ledger was reset or replaced", server_round, node, client[keys.EPSILON], before)
+        nodes[str(node)] = {keys.CLIENT_ID: client[keys.CLIENT_ID],
+                            keys.EPSILON: max(client[keys.EPSILON], before or 0.0)}
+    figures = [c[keys.EPSILON] for c in known.values()] + [n[keys.EPSILON] for n in nodes.values()]
+    if figures:
+        section[keys.MAX_CLIENT_EPSILON] = max(max(figures), section.get(keys.MAX_CLIENT_EPSILON, 0.0))
 
 
 def find_ledgers(root: str | Path) -> list[Path]:
