@@ -30,6 +30,15 @@ def _check(cond: bool, key: str, value: Any, allowed: str) -> None:
         raise ConfigError(f"{key}: got {value!r}, expected {allowed}")
 
 
+def _check_finite(section: Any, name: str) -> None:
+    """Every float setting of a section is a finite number (an inf weight decay or
+    timeout would pass a range check and then make every update NaN or never end)."""
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}.{f.name}: got {value!r}, expected a finite number")
+
+
 def _check_choice(key: str, value: Any, choices: tuple) -> None:
     _check(value in choices, key, value, "one of " + ", ".join(map(str, choices)))
 
@@ -64,6 +73,7 @@ class ModelConfig:
     layers: int = 0
 
     def __post_init__(self) -> None:
+        _check_finite(self, "model")
         _check(bool(self.name), "model.name", self.name, "a model name or path")
         _check(8 <= self.max_length <= 8192, "model.max_length", self.max_length, "an integer in [8, 8192]")
         _check_choice("model.compute_dtype", self.compute_dtype, get_args(ComputeDtype))
@@ -88,6 +98,7 @@ class LoraConfig:
     top_layers: int = 0
 
     def __post_init__(self) -> None:
+        _check_finite(self, "lora")
         _check(1 <= self.r <= 1024, "lora.r", self.r, "an integer in [1, 1024]")
         _check(isinstance(self.top_layers, int) and not isinstance(self.top_layers, bool)
                and self.top_layers >= 0, "lora.top_layers", self.top_layers,
@@ -161,6 +172,7 @@ class DataConfig:
         return split_list(self.task_test_files)
 
     def __post_init__(self) -> None:
+        _check_finite(self, "data")
         _check(bool(self.dataset) or bool(self.path) or bool(self.task_files), "data.dataset", self.dataset,
                "a built-in dataset name, or data.path set to a JSONL/CSV file")
         if self.task_files or self.task_test_files:
@@ -224,6 +236,7 @@ class TrainConfig:
     micro_batch_size: int = 0
 
     def __post_init__(self) -> None:
+        _check_finite(self, "train")
         _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", self.lr, "a positive number")
         _check(self.local_steps >= 1, "train.local_steps", self.local_steps, "a positive integer")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "a positive integer")
@@ -252,6 +265,7 @@ class FederationConfig:
     client_cpus: int = 1
 
     def __post_init__(self) -> None:
+        _check_finite(self, "federation")
         _check(1 <= self.clients <= 10_000, "federation.clients", self.clients, "an integer in [1, 10000]")
         _check(0 <= self.clients_per_round <= self.clients, "federation.clients_per_round",
                self.clients_per_round, f"0 (all) or an integer in [1, federation.clients={self.clients}]")
@@ -302,6 +316,7 @@ class StrategyConfig:
     max_examples: int = 0
 
     def __post_init__(self) -> None:
+        _check_finite(self, "strategy")
         _check_choice("strategy.name", self.name, STRATEGY_NAMES)
         _check_choice("strategy.transport", self.transport, get_args(TransportKind))
         for key in ("proximal_mu", "max_update_norm"):
@@ -352,6 +367,7 @@ class PrivacyConfig:
     accountant: AccountantKind = "rdp"
 
     def __post_init__(self) -> None:
+        _check_finite(self, "privacy")
         _check_choice("privacy.mode", self.mode, get_args(PrivacyMode))
         # One mode at a time: client-level DP (server-side, strategies/client_dp.py)
         # keeps no per-node ledger, so a lifetime node budget means sample-level DP.
@@ -437,6 +453,7 @@ class ContinualConfig:
     federated_importance: bool = False
 
     def __post_init__(self) -> None:
+        _check_finite(self, "continual")
         if avalanche_plugin(self.strategy) is not None:
             import importlib.util
 

@@ -111,8 +111,37 @@ def cmd_simulate(args) -> int:
               f"see the log above, then `fedcl simulate --resume {out}` continues it",
               file=sys.stderr)
         return 1
-    print_summary(run_dir.metrics(), out)
+    metrics = run_dir.metrics()
+    print_summary(metrics, out)
+    nothing = no_update_counted(metrics, since=done)
+    if nothing:
+        print(f"fedcl: error: {nothing}; the global adapter in {out} is the one it started from", file=sys.stderr)
+        return 1
     return 0
+
+
+def no_update_counted(metrics: dict, *, since: int = 0) -> str | None:
+    """Why no client update counted in the rounds after `since`, or None when one did."""
+    from fedcl import keys
+
+    rounds = [r for r in metrics.get(keys.ROUNDS, []) if r.get(keys.ROUND, 0) > since]
+    if not rounds:
+        return None
+    counted, reasons = 0, []
+    for record in rounds:
+        for client in record.get(keys.CLIENTS, []):
+            if keys.CLIENT_REJECTED in client:
+                reasons.append(str(client[keys.CLIENT_REJECTED]))
+            elif int(client.get(keys.STATUS, keys.STATUS_OK)) == keys.STATUS_OK:
+                counted += 1
+    if counted:
+        return None
+    totals = {what: sum(int(r.get(key, 0)) for r in rounds)
+              for what, key in (("failed", keys.FAILURES), ("rejected", keys.REJECTED),
+                                ("refused (privacy budget)", keys.REFUSED), ("idle (no task data)", keys.IDLE))}
+    said = ", ".join(f"{n} {what}" for what, n in totals.items() if n) or "no replies"
+    first = f" (first reason: {reasons[0]})" if reasons else ""
+    return f"no client update counted in {len(rounds)} round(s): {said}{first}"
 
 
 def cmd_report(args) -> int:

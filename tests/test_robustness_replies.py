@@ -269,3 +269,24 @@ def test_key_agreement_takes_the_majority_and_without_one_the_common_keys():
     assert check_agreement([full, short]) == (short, [None, None])
     # a deployed node's data fingerprint is sent by some nodes only: not compared, not aggregated
     assert check_agreement([full | {"data-sha256"}, full]) == (full, [None, None])
+
+
+@pytest.mark.parametrize("rejecting", [True, False])
+def test_a_run_in_which_no_update_counted_exits_non_zero_with_why(tmp_path, capsys, monkeypatch, rejecting):
+    """`fedcl simulate` through the real apps (in-process instead of Ray): every update over
+    strategy.max_update_norm is rejected, so nothing was learned and the command says so."""
+    from fedcl.ops import run
+    from fedcl.ops.cli import main
+
+    monkeypatch.setattr(run, "simulate", run.run_inprocess)  # the same apps, without Ray's start
+    sets = [item for key in TINY for item in ("--set", key)]
+    if rejecting:
+        sets += ["--set", "strategy.max_update_norm=1e-12"]
+    code = main(["simulate", *sets, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    if rejecting:
+        assert code == 1
+        assert "no client update counted in 2 round(s): 6 rejected" in err
+        assert "exceeds strategy.max_update_norm" in err
+    else:
+        assert code == 0 and "no client update counted" not in err

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -396,3 +397,20 @@ def test_the_server_flags_a_node_whose_lifetime_epsilon_goes_back_and_keeps_the_
     assert section["nodes"]["12"]["epsilon"] == 3.0  # what the node has spent at least
     note_clients(section, [{"id": 1, "node_id": 11, "epsilon": 4.0}], server_round=3)
     assert section["max_client_epsilon"] == 4.0
+
+
+FLOAT_SETTINGS = [f"{section}.{f.name}" for section, cls in
+                  [("data", "DataConfig"), ("train", "TrainConfig"), ("federation", "FederationConfig"),
+                   ("strategy", "StrategyConfig"), ("privacy", "PrivacyConfig"), ("continual", "ContinualConfig"),
+                   ("lora", "LoraConfig")]
+                  for f in __import__("dataclasses").fields(getattr(__import__("fedcl.config").config, cls))
+                  if f.type in ("float", float)]
+
+
+@pytest.mark.parametrize("key", FLOAT_SETTINGS)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_every_float_setting_must_be_finite(key, value):
+    from fedcl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(key) + r": got .*expected"):
+        load_config(None, [f"{key}={value}"])
