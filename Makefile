@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/fedcl simulate --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
-# The layers and their import rules (.importlinter), on the package as it installs.
+# The layers and their import rules (.importlinter), checked by import-linter.
 lint: install
 	$(BIN)/python .ci/check_layers.py
 

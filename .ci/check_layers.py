@@ -1,13 +1,14 @@
-"""Check fedcl's layers with import-linter, on the package as it installs.
+"""Check fedcl's layers with import-linter (`lint-imports`, config in .importlinter).
 
-import-linter reads a package from one folder, but fedcl's import namespace
-spans several (pyproject's ``[tool.setuptools.package-dir]`` maps
-``fedcl.server`` onto server/, and so on). This lays the source tree out as
-an installation would, in a temporary folder (the .py files only, from the
-mapping in pyproject.toml), and runs ``lint-imports`` there with the
-repository's ``.importlinter``. It also checks that the contract naming the
-plain-PyTorch modules lists exactly the kernel's modules of the layers
-contract, so that the two lists cannot drift apart.
+fedcl's import namespace spans several folders: pyproject's
+``[tool.setuptools.package-dir]`` installs server/ as ``fedcl.server`` and so
+on. In the checkout, ``fedcl/server`` etc. are symbolic links to those
+folders, so that Python and import-linter (which reads a package from its
+own folder) see the same tree an installation has, and a bare `lint-imports`
+in the repository checks the whole package. This script first checks that the
+links and the package-dir mapping name the same folders, and that the contract
+listing the plain-PyTorch modules names exactly the kernel's layer, so that
+neither pair can drift apart; then it runs `lint-imports`.
 
     python .ci/check_layers.py [SOURCE]     # SOURCE: a checkout (default: this one)
 
@@ -19,10 +20,8 @@ from __future__ import annotations
 
 import configparser
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import tomllib
 from pathlib import Path
 
@@ -34,16 +33,16 @@ def package_dirs(source: Path) -> dict[str, Path]:
     return {name: source / folder for name, folder in mapping.items()}
 
 
-def lay_out(source: Path, target: Path) -> None:
-    """Copy every package's .py files to where an installation puts them."""
+def check_links(source: Path) -> str | None:
+    """fedcl/<name> must link to the folder package-dir maps fedcl.<name> onto."""
     for name, folder in package_dirs(source).items():
-        dest = target.joinpath(*name.split("."))
-        for path in folder.rglob("*.py"):
-            relative = path.relative_to(folder)
-            if "__pycache__" in relative.parts:
-                continue
-            (dest / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, dest / relative)
+        if name == "fedcl":
+            continue
+        link = source.joinpath(*name.split("."))
+        if not link.is_symlink() or link.resolve() != folder.resolve():
+            return (f"{link}: expected a symbolic link to {folder.relative_to(source)}/ (pyproject maps {name} "
+                    f"onto it); make it with: ln -sfn ../{folder.relative_to(source)} {link.relative_to(source)}")
+    return None
 
 
 def check_kernel_lists(config_file: Path) -> str | None:
@@ -63,15 +62,13 @@ def check_kernel_lists(config_file: Path) -> str | None:
 def main(argv: list[str]) -> int:
     source = Path(argv[0] if argv else Path(__file__).resolve().parent.parent).resolve()
     config_file = source / ".importlinter"
-    problem = check_kernel_lists(config_file)
+    problem = check_links(source) or check_kernel_lists(config_file)
     if problem:
         print(problem, file=sys.stderr)
         return 2
     lint = Path(sys.executable).parent / "lint-imports"
-    with tempfile.TemporaryDirectory(prefix="fedcl-layers-") as tmp:
-        lay_out(source, Path(tmp))
-        env = {**os.environ, "PYTHONPATH": tmp}
-        done = subprocess.run([str(lint), str(config_file), "--no-cache"], cwd=tmp, env=env)
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    done = subprocess.run([str(lint), str(config_file), "--no-cache"], cwd=source, env=env)
     return 0 if done.returncode == 0 else 1
 
 

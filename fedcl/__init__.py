@@ -4,8 +4,10 @@ One import namespace over the repository's folders (pyproject's package-dir):
 this folder is the plain-PyTorch kernel (`fedcl.config`, `fedcl.data`, ...);
 continual/ is `fedcl.continual`, federation/ `fedcl.federation`, strategies/
 `fedcl.strategies`, client/ `fedcl.client`, server/ `fedcl.server` and ops/
-`fedcl.ops`. The layers and what each may import are in the README and are
-checked by import-linter (`.importlinter`).
+`fedcl.ops`. In the checkout, fedcl/server etc. are symbolic links to those
+folders, so the tree Python and import-linter see is the installed one. The
+layers and what each may import are in the README and are checked by
+import-linter (`.importlinter`).
 """
 
 import os as _os

@@ -24,12 +24,14 @@ spec.loader.exec_module(check_layers)
 
 
 def copy_checkout(target: Path) -> Path:
-    """pyproject.toml, .importlinter and every package folder pyproject maps, without caches."""
+    """pyproject.toml, .importlinter and every package folder pyproject maps (fedcl/'s links
+    to the other folders kept as links), without caches."""
     target.mkdir()
     for name in ("pyproject.toml", ".importlinter"):
         shutil.copy2(ROOT / name, target / name)
     for folder in {p.relative_to(ROOT) for p in check_layers.package_dirs(ROOT).values()}:
-        shutil.copytree(ROOT / folder, target / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / folder, target / folder, symlinks=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     return target
 
 
@@ -83,3 +85,19 @@ def test_kernel_lists_that_drift_apart_are_refused(tmp_path):
     done = run_check(copy)
     assert done.returncode == 2
     assert "fedcl.optim" in done.stderr
+
+
+def test_the_folder_links_must_match_the_package_mapping(tmp_path):
+    copy = copy_checkout(tmp_path / "copy")
+    (copy / "fedcl" / "server").unlink()
+    (copy / "fedcl" / "server").symlink_to("../client")
+    done = run_check(copy)
+    assert done.returncode == 2
+    assert "fedcl/server" in done.stderr and "ln -sfn ../server" in done.stderr
+
+
+def test_a_bare_lint_imports_in_the_checkout_checks_the_whole_package():
+    lint = Path(sys.executable).parent / "lint-imports"
+    done = subprocess.run([str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "4 kept, 0 broken" in done.stdout
