@@ -10,18 +10,11 @@ Nothing here imports Flower.
 """
 
 from fedcl.privacy.accounting import DPPlan, calibrate_noise, client_level_plan, epsilon, plan_for, sample_plan
-from fedcl.privacy.client import (
-    STATUS_BUDGET_EXHAUSTED,
-    STATUS_OK,
-    ClientPrivacy,
-    Verdict,
-    client_privacy,
-    state_dir_for,
-)
+from fedcl.privacy.client import ClientPrivacy, Verdict, client_privacy, state_dir_for
 from fedcl.privacy.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
 
-__all__ = ["DPPlan", "calibrate_noise", "epsilon", "plan_for", "sample_plan", "client_level_plan", "ClientPrivacy", "Verdict",
-           "client_privacy", "state_dir_for", "STATUS_OK", "STATUS_BUDGET_EXHAUSTED",
+__all__ = ["DPPlan", "calibrate_noise", "epsilon", "plan_for", "sample_plan", "client_level_plan",
+           "ClientPrivacy", "Verdict", "client_privacy", "state_dir_for",
            "LEDGER_FILE", "LedgerError", "PrivacyLedger", "train_private"]
 
 

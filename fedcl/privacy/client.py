@@ -29,9 +29,6 @@ logger = logging.getLogger("fedcl.privacy")
 # Test hook: exit the process right after the ledger is written, before the
 # reply leaves (how a node killed at the worst moment behaves).
 EXIT_AFTER_CHARGE_ENV = "FEDCL_TEST_EXIT_AFTER_LEDGER"
-# A ClientApp's refusal status (metric "status"); 0 is a normal reply.
-STATUS_OK = 0
-STATUS_BUDGET_EXHAUSTED = 1
 
 
 @dataclass(frozen=True)
