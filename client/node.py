@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from fedcl import data, keys
+from fedcl import data, frozen, keys
 from fedcl.config import Config
 from fedcl.continual.node import NodeContinual, dp_base_plan, task_plan
 from fedcl.privacy import ClientPrivacy, client_privacy, state_dir_for
@@ -77,6 +77,25 @@ def _dp_on(config: Config) -> bool:
 
 def _state_dir(session: LocalSession, node_config: dict) -> Path:
     return state_dir_for(session.config, session.client_id, str(node_config.get(keys.NODE_STATE_DIR, "")))
+
+
+def _frozen_file(session: LocalSession, node_config: dict):
+    """The frozen-layer body to keep in the node's state folder, attached; None when not asked for.
+
+    `lora.frozen_cache = "file"` with `lora.top_layers`: the node's records'
+    bottom states are read from and written to its own state folder, which
+    needs a state folder of the node's (node config `state-dir` or run.state_dir).
+    """
+    body = getattr(session.shared.task, "body", None)
+    if session.config.lora.frozen_cache != "file" or not isinstance(body, frozen.FrozenBottom):
+        return None
+    if not (node_config.get(keys.NODE_STATE_DIR) or session.config.run.state_dir):
+        logger.warning("client %d: lora.frozen_cache = 'file' needs the node's state folder "
+                       "(--state-dir or node config state-dir); keeping the states in memory only",
+                       session.client_id)
+        return None
+    body.attach(_state_dir(session, node_config))
+    return body
 
 
 def _refusal(session: LocalSession, server_round: int, verdict) -> TrainReply:
@@ -156,7 +175,10 @@ def train_round(config: Config, node_config: dict, request: TrainRequest) -> Tra
     """Train one round from the server's global adapter; charge the ledger before replying."""
     session = node_session(config, node_config)
     trainer = _train_continual if session.config.continual_on else _train_plain
+    cache = _frozen_file(session, node_config)
     trained = trainer(session, node_config, request)
+    if cache is not None:
+        cache.flush()
     if isinstance(trained, TrainReply):  # refused, or nothing to train on
         return trained
     result, guard = trained.result, trained.guard
@@ -187,7 +209,10 @@ def evaluate_round(config: Config, node_config: dict, state: dict) -> dict:
     """The global `state` scored on the node's own held-out records, as reply metrics."""
     session = node_session(config, node_config)
     started = time.perf_counter()
+    cache = _frozen_file(session, node_config)
     report = session.evaluate(state)
+    if cache is not None:
+        cache.flush()
     report["eval_seconds"] = time.perf_counter() - started
     return {**keys.report_to_reply(report), keys.NUM_EXAMPLES_MSG: len(session.eval_records),
             keys.PARTITION_ID: session.client_id}

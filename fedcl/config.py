@@ -50,6 +50,7 @@ def split_list(value: str) -> list[str]:
 
 TaskKind = Literal["classification", "instruction"]
 PartitionKind = Literal["iid", "dirichlet", "column"]
+FrozenCache = Literal["memory", "file"]
 ComputeDtype = Literal["float32", "bfloat16"]
 TaskPeriod = Literal["year", "quarter", "month"]
 
@@ -96,6 +97,10 @@ class LoraConfig:
     # (`fedcl.frozen`); a step then runs the top k layers alone, about
     # layers/k times cheaper. At most the model's layer count (after model.layers).
     top_layers: int = 0
+    # Where those states are kept: "memory" (the process's life) or "file": also
+    # in the node's state folder (`fedcl.frozen.CACHE_FILE`, never sent), so a
+    # restarted node or a later run with the same settings does not rebuild them.
+    frozen_cache: FrozenCache = "memory"
 
     def __post_init__(self) -> None:
         _check_finite(self, "lora")
@@ -103,6 +108,7 @@ class LoraConfig:
         _check(isinstance(self.top_layers, int) and not isinstance(self.top_layers, bool)
                and self.top_layers >= 0, "lora.top_layers", self.top_layers,
                "0 (all layers) or a positive integer, at most the model's layer count")
+        _check_choice("lora.frozen_cache", self.frozen_cache, get_args(FrozenCache))
         _check(self.alpha > 0, "lora.alpha", self.alpha, "a positive integer")
         _check(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "a float in [0, 1)")
         _check(

@@ -30,20 +30,37 @@ the compute dtype, the attention implementation and the task's template,
 labels and `model.max_length`. Nothing here is ever sent anywhere. Memory:
 4 x tokens x hidden size bytes per record in float32 (SmolLM2: 147 KB at 64
 tokens). Plain PyTorch; no flwr import.
+
+With `lora.frozen_cache = "file"` a node also keeps its own records' states in
+its state folder (`CACHE_FILE`), so a restarted process or a later run with
+the same settings skips the bottom's forward: `FrozenBottom.attach(folder)`
+loads the file once, `flush()` writes it back when new states were computed.
+The file carries the fingerprint above and a checksum of its contents; a file
+with another fingerprint is not used (the states are rebuilt and the file
+replaced), and a damaged one is rebuilt with a warning, never read.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
+import logging
+from pathlib import Path
 
 import torch
+
+from fedcl import atomic
 
 from fedcl import models
 from fedcl.config import LoraConfig, ModelConfig
 from fedcl.tasks import Batch, WholeDecoder, decoder_and_head
 from fedcl.train import autocast
+
+logger = logging.getLogger("fedcl.frozen")
+CACHE_FILE = "frozen-states.fedcl"
+_MAGIC = b"fedcl frozen states v1\n"
 
 
 def _layer_masks(decoder, like: torch.Tensor, attention_mask: torch.Tensor,
@@ -97,6 +114,10 @@ class StateStore:
             self.hits += 1
         return found
 
+    def peek(self, key: bytes) -> torch.Tensor | None:
+        """The states under `key`, not counted as a look-up."""
+        return self._states.get(key)
+
     def put(self, key: bytes, states: torch.Tensor) -> None:
         self._states[key] = states
 
@@ -125,6 +146,34 @@ class FrozenBottom:
         self._check_bottom_frozen()
         self.store = store if store is not None else StateStore()
         self.fingerprint = _fingerprint(decoder, model_cfg, top_layers, task)
+        self._file: Path | None = None  # the attached node's cache file
+        self._file_keys: set[bytes] = set()  # its records' keys: what the file holds
+        self._file_written: set[bytes] = set()
+        self._loaded: dict[Path, set[bytes]] = {}  # files read in this process, and their keys
+
+    def attach(self, folder: str | Path) -> None:
+        """Keep the states of the records used from now on in `folder`'s cache file.
+
+        A process serving several nodes (simulation) attaches each node's own
+        folder before its work: a node's file holds its own records only.
+        """
+        path = Path(folder) / CACHE_FILE
+        if path not in self._loaded:
+            found = read_states(path, self.fingerprint)
+            for key, states in found.items():
+                self.store.put(key, states)
+            self._loaded[path] = set(found)
+        self._file, self._file_keys = path, set(self._loaded[path])
+        self._file_written = set(self._loaded[path])
+
+    def flush(self) -> None:
+        """Write the attached file when this node's records gained states since it was read."""
+        if self._file is None or self._file_keys <= self._file_written:
+            return
+        states = {key: self.store.peek(key) for key in self._file_keys}
+        write_states(self._file, self.fingerprint, {k: v for k, v in states.items() if v is not None})
+        self._loaded[self._file] = set(self._file_keys)
+        self._file_written = set(self._file_keys)
 
     def _check_bottom_frozen(self) -> None:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -151,6 +200,8 @@ class FrozenBottom:
             if int(mask[row, width - n:].sum()) != n:
                 raise ValueError("FrozenBottom needs left-padded batches (padding first, then tokens)")
         keys = [self.key(ids[row, width - n:]) for row, n in enumerate(lengths)]
+        if self._file is not None:
+            self._file_keys.update(keys)
         states = [self.store.get(k) for k in keys]
         missing = [row for row, s in enumerate(states) if s is None]
         if missing:
@@ -211,3 +262,62 @@ def use_frozen_bottom(task, model, model_cfg: ModelConfig, lora_cfg: LoraConfig,
     if 0 < lora_cfg.top_layers < len(decoder.layers):
         task.body = FrozenBottom(model, task, model_cfg, lora_cfg.top_layers, store=store)
     return task
+
+
+def write_states(path: str | Path, fingerprint: str, states: dict[bytes, torch.Tensor]) -> Path:
+    """Write `states` (record key -> (tokens, hidden) tensor) to `path` atomically, with a checksum."""
+    buffer = io.BytesIO()
+    keys = sorted(states)
+    torch.save({"fingerprint": fingerprint, "keys": [k.hex() for k in keys],
+                "states": [states[k].detach().cpu().contiguous() for k in keys]}, buffer)
+    payload = buffer.getvalue()
+    digest = hashlib.sha256(payload).hexdigest().encode()
+    return atomic.write_bytes(path, _MAGIC + digest + b"\n" + payload)
+
+
+def read_states(path: str | Path, fingerprint: str) -> dict[bytes, torch.Tensor]:
+    """The states in `path` when it is intact and made under `fingerprint`; otherwise none.
+
+    Absent: nothing to say. Another fingerprint (a changed base, layer count,
+    template, max_length...): not reused, said at info level. Damaged (wrong
+    header, checksum, or contents): a warning, and the states are rebuilt.
+    """
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as err:
+        logger.warning("frozen-layer cache %s cannot be read (%s); rebuilding the states", path, err)
+        return {}
+    head, _, payload = blob[len(_MAGIC):].partition(b"\n")
+    if not blob.startswith(_MAGIC) or head != hashlib.sha256(payload).hexdigest().encode():
+        logger.warning("frozen-layer cache %s is damaged (header or checksum does not match); "
+                       "not used, rebuilding the states", path)
+        return {}
+    try:
+        content = torch.load(io.BytesIO(payload), weights_only=True)
+        found = _checked_states(content)
+    except Exception as err:  # noqa: BLE001 - any unreadable content is a damaged cache
+        logger.warning("frozen-layer cache %s has unreadable contents (%s); not used, rebuilding "
+                       "the states", path, err)
+        return {}
+    if content["fingerprint"] != fingerprint:
+        logger.info("frozen-layer cache %s was made with other settings (base, layers, template or "
+                    "max_length); not reused, rebuilding the states", path)
+        return {}
+    return found
+
+
+def _checked_states(content) -> dict[bytes, torch.Tensor]:
+    if not isinstance(content, dict) or not isinstance(content.get("fingerprint"), str):
+        raise ValueError("no fingerprint")
+    keys, states = content.get("keys"), content.get("states")
+    if not isinstance(keys, list) or not isinstance(states, list) or len(keys) != len(states):
+        raise ValueError("keys and states do not pair up")
+    found = {}
+    for key, value in zip(keys, states):
+        if not isinstance(value, torch.Tensor) or value.dim() != 2 or not torch.isfinite(value).all():
+            raise ValueError(f"entry {key!r} is not a finite (tokens, hidden) tensor")
+        found[bytes.fromhex(key)] = value
+    return found

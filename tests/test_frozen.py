@@ -11,7 +11,7 @@ from transformers import LlamaConfig
 
 from fedcl import metrics, models
 from fedcl.config import ConfigError, LoraConfig, ModelConfig, load_config
-from fedcl.frozen import FrozenBottom, StateStore, use_frozen_bottom
+from fedcl.frozen import CACHE_FILE, FrozenBottom, StateStore, read_states, use_frozen_bottom, write_states
 from fedcl.models import ModelError, build_lora_model
 from fedcl.privacy import DPPlan
 from fedcl.privacy.dpsgd import train_private
@@ -344,3 +344,130 @@ def test_every_layout_trains_and_travels_the_top_layers_only(strategy):
     if strategy == "ffa-lora":
         assert all(".lora_B." in name for name in reply)
     assert math.isfinite(server.evaluate(state)[metrics.LOSS])
+
+
+# -- the cache file in the node's state folder (lora.frozen_cache = "file") ----
+def _task_with_store(config, labels=LABELS):
+    model, tokenizer = lively_model(config)
+    store = StateStore()
+    task = use_frozen_bottom(make_task("classification", tokenizer, labels, config.data, config.model,
+                                       config.train), model, config.model, config.lora, store=store)
+    return task, store
+
+
+def test_the_cache_file_gives_back_the_same_states_in_a_new_process(tmp_path):
+    config, records = config_for(DEEP, 2), classification_records()
+    task, store = _task_with_store(config)
+    task.body.attach(tmp_path)
+    expected = task.encode(records).hidden
+    task.body.flush()
+    assert (tmp_path / CACHE_FILE).is_file()
+    # a fresh holder (a restarted node): every record's states come from the file
+    fresh, fresh_store = _task_with_store(config)
+    fresh.body.attach(tmp_path)
+    got = fresh.encode(records).hidden
+    assert fresh_store.misses == 0 and fresh_store.hits == len(records)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("what, overrides, labels", CHANGED_KEYS, ids=lambda v: str(v)[:20])
+def test_a_cache_file_made_with_other_settings_is_not_reused(tmp_path, what, overrides, labels):
+    records = classification_records()
+    task, _ = _task_with_store(config_for(DEEP, 2))
+    task.body.attach(tmp_path)
+    task.encode(records)
+    task.body.flush()
+    other, store = _task_with_store(config_for(DEEP, 2, *overrides), labels)
+    other.body.attach(tmp_path)
+    other.encode(records)
+    assert store.hits == 0 and store.misses == len(records)
+    other.body.flush()  # rebuilt under the new settings, and the file follows them
+    again, again_store = _task_with_store(config_for(DEEP, 2, *overrides), labels)
+    again.body.attach(tmp_path)
+    again.encode(records)
+    assert again_store.misses == 0
+
+
+DAMAGE = {
+    "flipped byte": lambda blob: blob[:-40] + bytes([blob[-40] ^ 0xFF]) + blob[-39:],
+    "truncated": lambda blob: blob[: len(blob) // 2],
+    "garbage": lambda blob: b"not a cache at all",
+    "empty": lambda blob: b"",
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE, ids=str)
+def test_a_damaged_cache_file_is_rebuilt_with_a_warning_never_used(tmp_path, caplog, damage):
+    config, records = config_for(DEEP, 2), classification_records()
+    task, _ = _task_with_store(config)
+    task.body.attach(tmp_path)
+    expected = task.encode(records).hidden
+    task.body.flush()
+    path = tmp_path / CACHE_FILE
+    path.write_bytes(DAMAGE[damage](path.read_bytes()))
+    fresh, store = _task_with_store(config)
+    with caplog.at_level("WARNING", logger="fedcl.frozen"):
+        fresh.body.attach(tmp_path)
+    assert any("frozen-layer cache" in r.message and "rebuilding" in r.message for r in caplog.records)
+    got = fresh.encode(records).hidden
+    assert store.hits == 0 and torch.equal(got, expected)
+    fresh.body.flush()
+    assert read_states(path, fresh.body.fingerprint).keys() == {fresh.body.key(r) for r in
+                                                                _real_ids(fresh, records)}
+
+
+def test_a_cache_file_with_a_non_finite_state_is_refused(tmp_path, caplog):
+    config = config_for(DEEP, 2)
+    task, _ = _task_with_store(config)
+    write_states(tmp_path / CACHE_FILE, task.body.fingerprint, {b"k": torch.tensor([[float("nan")]])})
+    with caplog.at_level("WARNING", logger="fedcl.frozen"):
+        assert read_states(tmp_path / CACHE_FILE, task.body.fingerprint) == {}
+    assert "unreadable contents" in caplog.text
+
+
+def test_a_node_file_holds_only_its_own_records(tmp_path):
+    """One process serving two nodes (simulation): each node's file has its records, not the other's."""
+    config = config_for(DEEP, 2)
+    task, _ = _task_with_store(config)
+    mine, theirs = classification_records(4), [{"text": f"other {i}", "label": "no"} for i in range(3)]
+    task.body.attach(tmp_path / "a")
+    task.encode(mine)
+    task.body.flush()
+    task.body.attach(tmp_path / "b")
+    task.encode(theirs)
+    task.body.flush()
+    held = {name: set(read_states(tmp_path / name / CACHE_FILE, task.body.fingerprint))
+            for name in ("a", "b")}
+    assert held["a"] == {task.body.key(i) for i in _real_ids(task, mine)}
+    assert held["b"] == {task.body.key(i) for i in _real_ids(task, theirs)}
+
+
+def _real_ids(task, records):
+    batch = task.encode(records)
+    return [row[row_mask.bool()] for row, row_mask in zip(batch.input_ids, batch.attention_mask)]
+
+
+def test_lora_frozen_cache_is_checked():
+    assert load_config(None, ["lora.frozen_cache=file"]).lora.frozen_cache == "file"
+    with pytest.raises(ConfigError, match="lora.frozen_cache: got 'disk'.*memory, file"):
+        load_config(None, ["lora.frozen_cache=disk"])
+
+
+@pytest.mark.parametrize("where", ["file", "memory"])
+def test_a_node_keeps_its_frozen_states_in_its_state_folder_when_asked(tmp_path, where):
+    from fedcl import adapters
+    from fedcl.client.node import evaluate_round
+
+    config = config_for(DEEP, 2, f"lora.frozen_cache={where}", "data.max_records=40",
+                        "data.max_test_records=8", "data.labels=", "federation.clients=2")
+    model, _ = build_lora_model(config.model, config.lora)
+    node_config = {"partition-id": 1, "num-partitions": 2, "state-dir": str(tmp_path)}
+    reply = evaluate_round(config, node_config, adapters.adapter_state(model))
+    path = tmp_path / CACHE_FILE
+    if where == "memory":
+        assert not path.exists()
+        return
+    from fedcl.client.node import node_session
+
+    body = node_session(config, node_config).shared.task.body
+    assert len(read_states(path, body.fingerprint)) == reply["num-examples"] > 0
