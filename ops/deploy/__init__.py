@@ -5,6 +5,10 @@
 - `fedcl.ops.deploy.launch`: the command lines of `flower-superlink`,
   `flower-supernode` and `flwr`, and helpers that start and stop them (used by
   tests/test_deployment.py; the README runs the same commands by hand).
+- `fedcl.ops.deploy.coordinator`: `fedcl deploy coordinator`, the SuperLink on
+  loopback behind the Fleet gateway (`fleet_gateway`, nodes) and the mutual-TLS
+  control proxy (`control_proxy`, operators; `fedcl deploy control-tunnel` is the
+  operator's end).
 
 `fedcl deploy` is the command-line entry; its parser lives here so that
 `ops/cli.py` only registers it.
@@ -27,7 +31,16 @@ def add_parser(sub) -> None:
                        help="comma-separated names: lowercase letters, digits, dashes")
     certs.add_argument("--host", metavar="HOST", action="append", default=[],
                        help="address the SuperNodes use to reach the SuperLink (repeatable)")
+    certs.add_argument("--operators", metavar="A,B,...", default="operator",
+                       help="who may use the Control API (flwr run/ls/register): one TLS client "
+                       "certificate each, from a separate operator CA (default: operator)")
     certs.add_argument("--overwrite", action="store_true", help="replace keys already in DIR")
+    operator = cmds.add_parser("operator", help="issue one more operator client certificate",
+                               description="Write DIR/operators/NAME.{crt,key}, signed by "
+                               "DIR/operators/ca.key.")
+    operator.add_argument("--out", metavar="DIR", required=True)
+    operator.add_argument("--name", required=True)
+    _add_coordinator_parsers(cmds)
     app = cmds.add_parser("stage-app", help="copy the Flower app's sources into DIR for `flwr run DIR`",
                           description="`flwr run .` walks every file under the folder (.venv "
                           "included) before filtering; a staged copy builds the bundle in seconds.")
@@ -37,14 +50,91 @@ def add_parser(sub) -> None:
                      help="replace DIR even if it holds files fedcl did not stage there")
 
 
+def _add_coordinator_parsers(cmds) -> None:
+    co = cmds.add_parser("coordinator", help="the SuperLink on loopback, a Fleet-only gateway for "
+                         "nodes and a mutual-TLS Control proxy for operators",
+                         description="Flower 1.42 serves Control, Fleet and the ServerApp runtime "
+                         "on one port, with no Control API authentication: this binds the "
+                         "SuperLink to loopback and puts two doors in front of it.")
+    co.add_argument("--keys", metavar="DIR", required=True, help="the `fedcl deploy certs` folder")
+    co.add_argument("--database", metavar="FILE", required=True, help="the SuperLink's state")
+    co.add_argument("--superlink", metavar="HOST:PORT", default="127.0.0.1:9091",
+                    help="the SuperLink itself: loopback only (default: 127.0.0.1:9091)")
+    co.add_argument("--fleet", metavar="HOST:PORT", default="0.0.0.0:9093",
+                    help="node-facing address: Fleet API only (default: 0.0.0.0:9093)")
+    co.add_argument("--control", metavar="HOST:PORT", default="0.0.0.0:9095",
+                    help="operators: mutual TLS, operator CA (default: 0.0.0.0:9095)")
+    co.add_argument("--no-control", action="store_true",
+                    help="no control proxy: `flwr` only on this host, at --superlink")
+    co.add_argument("--log", metavar="FILE", help="the SuperLink's log (default: this output)")
+    tun = cmds.add_parser("control-tunnel", help="an operator's end of the control proxy: "
+                          "point `flwr` at --listen", description="`flwr` cannot present a TLS "
+                          "client certificate; this listens on loopback and carries each "
+                          "connection to the coordinator's --control address with yours.")
+    tun.add_argument("--proxy", metavar="HOST:PORT", required=True, help="the coordinator's --control")
+    tun.add_argument("--cert", metavar="FILE", required=True, help="operators/NAME.crt")
+    tun.add_argument("--key", metavar="FILE", required=True, help="operators/NAME.key")
+    tun.add_argument("--ca-cert", metavar="FILE", required=True, help="the deployment's ca.crt")
+    tun.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:9096")
+    tun.add_argument("--proxy-hostname", metavar="NAME",
+                     help="the name the coordinator's certificate carries, when --proxy's host "
+                     "is not in it (e.g. an SSH forward)")
+
+
+def _run_coordinator_command(args) -> int:
+    import asyncio
+
+    from fedcl.ops.deploy.certs import DeployFiles
+    from fedcl.ops.deploy.control_proxy import ProxyError, control_tunnel, serve_forever
+    from fedcl.ops.preflight import UsageError
+
+    try:
+        if args.deploy_command == "coordinator":
+            from fedcl.ops.deploy.coordinator import run_coordinator
+
+            return run_coordinator(DeployFiles(Path(args.keys)), superlink=args.superlink,
+                                   fleet=args.fleet, control=None if args.no_control else args.control,
+                                   database=Path(args.database),
+                                   log=Path(args.log) if args.log else None)
+        import logging
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        tunnel = control_tunnel(listen=args.listen, proxy=args.proxy, cert=Path(args.cert),
+                                key=Path(args.key), ca_cert=Path(args.ca_cert),
+                                proxy_hostname=args.proxy_hostname)
+    except ProxyError as err:
+        raise UsageError(str(err)) from None
+    try:
+        asyncio.run(serve_forever(tunnel))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_deploy(args) -> int:
-    from fedcl.ops.deploy.certs import CertError, generate_certs
+    from fedcl.ops.deploy.certs import CertError, generate_certs, write_operator
     from fedcl.ops.deploy.launch import StageError, stage_app
 
+    if args.deploy_command in ("coordinator", "control-tunnel"):
+        return _run_coordinator_command(args)
+    if args.deploy_command == "operator":
+        from fedcl.ops.deploy.certs import DeployFiles
+
+        try:
+            files = DeployFiles(Path(args.out))
+            write_operator(files, args.name)
+        except CertError as err:
+            from fedcl.ops.preflight import UsageError
+
+            raise UsageError(str(err)) from None
+        print(f"operator {args.name}: {files.operator_cert(args.name)}, {files.operator_key(args.name)}")
+        return 0
     if args.deploy_command == "certs":
         names = [n.strip() for n in args.institutions.split(",") if n.strip()]
+        operators = [n.strip() for n in args.operators.split(",") if n.strip()]
         try:
-            files = generate_certs(Path(args.out), names, hosts=args.host, overwrite=args.overwrite)
+            files = generate_certs(Path(args.out), names, hosts=args.host, operators=operators,
+                                   overwrite=args.overwrite)
         except CertError as err:
             from fedcl.ops.preflight import UsageError
 
@@ -54,6 +144,10 @@ def cmd_deploy(args) -> int:
         for name in names:
             print(f"{name}: {files.node_key(name)} (keep at the institution), "
                   f"{files.node_public_key(name)} (register with `flwr supernode register`)")
+        print(f"Operator CA: {files.operator_ca_cert} (the coordinator's control proxy only)")
+        for name in operators:
+            print(f"operator {name}: {files.operator_cert(name)}, {files.operator_key(name)} "
+                  "(keep with the operator; never give to a node)")
         return 0
     try:
         print(stage_app(Path(args.source), Path(args.out), overwrite=args.overwrite))

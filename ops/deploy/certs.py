@@ -8,11 +8,17 @@ writes (private keys mode 0600, every file atomically)::
     DIR/ca.crt, DIR/ca.key                       the CA that signs the SuperLink's certificate
     DIR/superlink.crt, DIR/superlink.key         TLS for the SuperLink (SAN: hosts + 127.0.0.1, localhost)
     DIR/nodes/<institution>.key, .key.pub        EC SECP384R1, OpenSSH format (Flower's node auth)
+    DIR/operators/ca.crt, ca.key                 a second CA, for operators only
+    DIR/operators/<operator>.crt, .key           an operator's TLS client certificate
 
 `ca.crt` goes to every SuperNode (`--root-certificates`) and to the `flwr`
 connection; `ca.key` stays with whoever issues certificates; each institution
 keeps its own `nodes/<name>.key` and hands the `.pub` to the coordinator, who
-registers it with `flwr supernode register`.
+registers it with `flwr supernode register`. The operator CA is separate so that
+nothing a node holds opens the Control API: `operators/ca.crt` goes to the
+coordinator's control proxy only, `operators/ca.key` stays with the issuer, and
+each operator keeps their own `operators/<name>.crt` and `.key`
+(`control_proxy`; `write_operator` issues one more later).
 """
 
 from __future__ import annotations
@@ -69,17 +75,31 @@ class DeployFiles:
     def node_public_key(self, institution: str) -> Path:
         return self.root / "nodes" / f"{institution}.key.pub"
 
+    @property
+    def operator_ca_cert(self) -> Path:
+        return self.root / "operators" / "ca.crt"
 
-def check_institutions(names: list[str]) -> list[str]:
+    @property
+    def operator_ca_key(self) -> Path:
+        return self.root / "operators" / "ca.key"
+
+    def operator_cert(self, operator: str) -> Path:
+        return self.root / "operators" / f"{operator}.crt"
+
+    def operator_key(self, operator: str) -> Path:
+        return self.root / "operators" / f"{operator}.key"
+
+
+def check_institutions(names: list[str], *, what: str = "institution") -> list[str]:
     if not names:
-        raise CertError("institutions: give at least one name, e.g. hospital-a,hospital-b")
+        raise CertError(f"{what}s: give at least one name, e.g. hospital-a,hospital-b")
     for name in names:
-        if not INSTITUTION_NAME.match(name):
-            raise CertError(f"institution {name!r}: use lowercase letters, digits and dashes "
-                            "(starting with a letter or digit, at most 63 characters)")
+        if not INSTITUTION_NAME.match(name) or name == "ca":
+            raise CertError(f"{what} {name!r}: use lowercase letters, digits and dashes "
+                            "(starting with a letter or digit, at most 63 characters; not 'ca')")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise CertError(f"institutions: {', '.join(duplicates)} given more than once")
+        raise CertError(f"{what}s: {', '.join(duplicates)} given more than once")
     return names
 
 
@@ -106,7 +126,8 @@ def _san(hosts: list[str]) -> x509.SubjectAlternativeName:
 
 
 def _certificate(subject: str, public_key, issuer: str, signer, *, ca: bool,
-                 san: x509.SubjectAlternativeName | None = None) -> x509.Certificate:
+                 san: x509.SubjectAlternativeName | None = None,
+                 client: bool = False) -> x509.Certificate:
     now = datetime.datetime.now(datetime.timezone.utc)
     builder = (x509.CertificateBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
@@ -125,13 +146,18 @@ def _certificate(subject: str, public_key, issuer: str, signer, *, ca: bool,
         builder = builder.add_extension(san, critical=False)
         builder = builder.add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.SERVER_AUTH]),
                                         critical=False)
+    if client:
+        builder = builder.add_extension(x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.CLIENT_AUTH]),
+                                        critical=False)
     return builder.sign(signer, hashes.SHA256())
 
 
 def generate_certs(out: Path, institutions: list[str], *, hosts: list[str] = (),
-                   overwrite: bool = False) -> DeployFiles:
-    """Write a CA, the SuperLink's TLS pair and each institution's auth key pair under `out`."""
+                   operators: list[str] = ("operator",), overwrite: bool = False) -> DeployFiles:
+    """Write a CA, the SuperLink's TLS pair, each institution's auth key pair, the
+    operator CA and each operator's client certificate under `out`."""
     check_institutions(list(institutions))
+    check_institutions(list(operators), what="operator")
     files = DeployFiles(Path(out))
     san = _san(list(hosts))  # checks the hosts before anything is written
     if files.ca_cert.exists() and not overwrite:
@@ -151,7 +177,27 @@ def generate_certs(out: Path, institutions: list[str], *, hosts: list[str] = (),
     _write(files.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), private=False)
     for name in institutions:
         write_node_key(files, name)
+    operator_ca_key = ec.generate_private_key(ec.SECP384R1())
+    operator_ca = _certificate("fedcl operator CA", operator_ca_key.public_key(), "fedcl operator CA",
+                               operator_ca_key, ca=True)
+    _write(files.operator_ca_key, _pem_key(operator_ca_key), private=True)
+    _write(files.operator_ca_cert, operator_ca.public_bytes(serialization.Encoding.PEM), private=False)
+    for name in operators:
+        write_operator(files, name)
     return files
+
+
+def write_operator(files: DeployFiles, operator: str) -> None:
+    """An operator's TLS client certificate (EC SECP384R1, clientAuth), signed by the operator CA."""
+    check_institutions([operator], what="operator")
+    if not files.operator_ca_key.is_file():
+        raise CertError(f"{files.operator_ca_key}: no operator CA key here; run "
+                        "`fedcl deploy certs` first (or point --out at the folder that holds it)")
+    ca_key = serialization.load_pem_private_key(files.operator_ca_key.read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP384R1())
+    cert = _certificate(operator, key.public_key(), "fedcl operator CA", ca_key, ca=False, client=True)
+    _write(files.operator_key(operator), _pem_key(key), private=True)
+    _write(files.operator_cert(operator), cert.public_bytes(serialization.Encoding.PEM), private=False)
 
 
 def write_node_key(files: DeployFiles, institution: str) -> None:

@@ -65,13 +65,29 @@ def superlink_command(files: DeployFiles, *, host: str, port: int, database: Pat
             "--disable-runtime-dependency-installation", "--host", host, "--port", str(port)]
 
 
-def node_config(*, data_file: Path, state_dir: Path, partition_id: int) -> str:
-    return f'data-file="{data_file}" state-dir="{state_dir}" partition-id={partition_id}'
+def coordinator_command(files: DeployFiles, *, database: Path, superlink: str, fleet: str,
+                        control: str | None) -> list[str]:
+    """`fedcl deploy coordinator`: the SuperLink on loopback (`superlink`), the Fleet API
+    alone on the node-facing `fleet`, operators through mutual TLS on `control`."""
+    command = ["fedcl", "deploy", "coordinator", f"--keys={files.root}", f"--database={database}",
+               f"--superlink={superlink}", f"--fleet={fleet}"]
+    return command + ([f"--control={control}"] if control else ["--no-control"])
+
+
+def node_config(*, data_file: Path, state_dir: Path, partition_id: int, worker: Path | None = None) -> str:
+    """`worker`: the node's worker socket (`fedcl.client.worker`), which keeps the model loaded."""
+    text = f'data-file="{data_file}" state-dir="{state_dir}" partition-id={partition_id}'
+    return text + (f' worker="{worker}"' if worker else "")
+
+
+def worker_command(state_dir: Path) -> list[str]:
+    """The node's long-lived worker, started next to its SuperNode (same user, same state folder)."""
+    return ["python", "-m", "fedcl.client.worker", "--state-dir", str(state_dir)]
 
 
 def supernode_command(files: DeployFiles, institution: str, *, superlink: str, runtime_port: int,
                       data_file: Path, state_dir: Path, partition_id: int,
-                      root_certificates: Path | None = None) -> list[str]:
+                      root_certificates: Path | None = None, worker: Path | None = None) -> list[str]:
     """`runtime_port`: the node's own ClientApp runtime API (127.0.0.1, default 9094), which
     must differ between SuperNodes sharing a machine."""
     return ["flower-supernode", "--superlink", superlink,
@@ -79,7 +95,7 @@ def supernode_command(files: DeployFiles, institution: str, *, superlink: str, r
             "--auth-supernode-private-key", str(files.node_key(institution)),
             "--port", str(runtime_port),
             "--node-config", node_config(data_file=data_file, state_dir=state_dir,
-                                         partition_id=partition_id)]
+                                         partition_id=partition_id, worker=worker)]
 
 
 def write_connection(flwr_home: Path, name: str, address: str, ca_cert: Path) -> Path:
@@ -186,6 +202,7 @@ class Launched:
     proc: subprocess.Popen
     log: Path
     known: set[int] = field(default_factory=set)  # descendants seen so far
+    companions: list["Launched"] = field(default_factory=list)  # stopped with it (a node's worker)
     born: dict[int, float] = field(default_factory=dict)  # their start times, when first seen
 
     @property
@@ -215,6 +232,8 @@ class Launched:
         """SIGTERM (SIGKILL with kill=True) the process and its descendants, by id."""
         import psutil
 
+        for companion in self.companions:
+            companion.stop(kill=kill, grace=grace)
         tree = [self.pid, *sorted(self.descendants())]
         procs = []
         for pid in tree:
@@ -262,14 +281,45 @@ def start_superlink(files: DeployFiles, *, port: int, database: Path, log: Path,
     return link
 
 
+def start_coordinator(files: DeployFiles, *, database: Path, log: Path, superlink: str,
+                      fleet: str, control: str | None, flwr_home: Path | None = None) -> Launched:
+    """`coordinator_command` as a child; returns once the SuperLink and both doors listen."""
+    database.parent.mkdir(parents=True, exist_ok=True)
+    proc = launch("coordinator", coordinator_command(files, database=database, superlink=superlink,
+                                                     fleet=fleet, control=control),
+                  log=log, flwr_home=flwr_home)
+    for address in (superlink, fleet, *([control] if control else [])):
+        host, _, port = address.rpartition(":")
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        wait_for(lambda: _port_open(host, int(port)), timeout=60, what=f"coordinator on {address}",
+                 process=proc)
+    return proc
+
+
 def start_supernode(files: DeployFiles, institution: str, *, superlink: str, runtime_port: int,
                     data_file: Path, state_dir: Path, partition_id: int, log: Path,
-                    flwr_home: Path | None = None, root_certificates: Path | None = None) -> Launched:
+                    flwr_home: Path | None = None, root_certificates: Path | None = None,
+                    worker: bool = False) -> Launched:
+    """`worker`: start the node's worker first (log: `<log>-worker.log`), which keeps the
+    model loaded between messages; the SuperNode's ClientApps hand it each message.
+    It is stopped with the SuperNode."""
     state_dir.mkdir(parents=True, exist_ok=True)
+    companion, socket_file = None, None
+    if worker:
+        from fedcl.client.worker import socket_path
+
+        socket_file = socket_path(state_dir)
+        companion = launch(f"{institution}-worker", worker_command(state_dir),
+                           log=log.with_name(f"{log.stem}-worker.log"), flwr_home=flwr_home)
+        wait_for(socket_file.exists, timeout=60, what=f"{institution}'s worker socket", process=companion,
+                 interval=0.2)
     command = supernode_command(files, institution, superlink=superlink, runtime_port=runtime_port,
                                 data_file=data_file, state_dir=state_dir, partition_id=partition_id,
-                                root_certificates=root_certificates)
-    return launch(institution, command, log=log, flwr_home=flwr_home)
+                                root_certificates=root_certificates, worker=socket_file)
+    node = launch(institution, command, log=log, flwr_home=flwr_home)
+    if companion is not None:
+        node.companions.append(companion)
+    return node
 
 
 def _port_open(host: str, port: int) -> bool:
