@@ -206,3 +206,64 @@ def test_an_operator_lists_runs_through_the_tunnel_and_the_node_joins_through_th
                process=coordinator["node"])
     operator.close()
     assert "(operator) -> 127.0.0.1" in coordinator["coordinator"].tail(1_000_000)  # the proxy saw its CN
+
+
+@pytest.mark.parametrize("method, path, forwarded", [
+    ("POST", "/v1/fleet/pull-messages", True), ("POST", "/v1/fleet/push-object", True),
+    ("GET", "/v1/fleet/pull-messages", False), ("POST", "/v1/control/list-runs", False),
+    ("POST", "/v1/runtime/v1/get-run", False), ("GET", "/health", False), ("GET", "/docs", False),
+    ("POST", "/v1/fleet/../control/list-runs", False), ("POST", "/v1/fleet/%2e%2e/control/start-run", False),
+    ("POST", "/v1/fleet//x", False), ("POST", "/v1/fleetx", False)])
+def test_the_fleet_gateway_forwards_fleet_calls_only(method, path, forwarded):
+    from fedcl.ops.deploy.fleet_gateway import is_fleet_request
+
+    assert is_fleet_request(method, path) is forwarded
+
+
+@pytest.mark.parametrize("case, message", [
+    ("superlink on every interface", "loopback only"), ("tunnel on every interface", "loopback only"),
+    ("proxy without the operator CA", "no such file"), ("address without a host", "HOST:PORT")])
+def test_unsafe_or_broken_front_settings_are_refused(tmp_path, case, message):
+    from fedcl.ops.deploy.certs import generate_certs
+    from fedcl.ops.deploy.control_proxy import ProxyError, control_proxy, control_tunnel, parse_address
+    from fedcl.ops.deploy.coordinator import check_superlink_address
+
+    f = generate_certs(tmp_path / "k", ["a"])
+    cases = {
+        "superlink on every interface": lambda: check_superlink_address("0.0.0.0:9091"),
+        "tunnel on every interface": lambda: control_tunnel(
+            listen="0.0.0.0:9099", proxy="h:9092", cert=f.operator_cert("operator"),
+            key=f.operator_key("operator"), ca_cert=f.ca_cert),
+        "proxy without the operator CA": lambda: control_proxy(
+            listen="0.0.0.0:9092", superlink="127.0.0.1:9091", cert=f.server_cert, key=f.server_key,
+            operator_ca=f.root / "missing.crt"),
+        "address without a host": lambda: parse_address("9092", what="--control"),
+    }
+    with pytest.raises(ProxyError, match=message):
+        cases[case]()
+
+
+def test_operator_certificates_come_from_their_own_ca(tmp_path, capsys):
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    from fedcl.ops.cli import main
+    from fedcl.ops.deploy.certs import DeployFiles
+
+    out = tmp_path / "k"
+    assert main(["deploy", "certs", "--out", str(out), "--institutions", "a", "--operators", "alice"]) == 0
+    assert main(["deploy", "operator", "--out", str(out), "--name", "bob"]) == 0
+    files = DeployFiles(out)
+    ca = x509.load_pem_x509_certificate(files.operator_ca_cert.read_bytes())
+    assert ca.subject != x509.load_pem_x509_certificate(files.ca_cert.read_bytes()).subject
+    for name in ("alice", "bob"):
+        cert = x509.load_pem_x509_certificate(files.operator_cert(name).read_bytes())
+        cert.verify_directly_issued_by(ca)
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert list(usage) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+        assert files.operator_key(name).stat().st_mode & 0o777 == 0o600
+    assert files.operator_ca_key.stat().st_mode & 0o777 == 0o600
+    assert main(["deploy", "operator", "--out", str(tmp_path / "nowhere"), "--name", "carol"]) == 2
+    assert "no operator CA key" in capsys.readouterr().err
+    assert main(["deploy", "operator", "--out", str(out), "--name", "Carol Smith"]) == 2
+    assert "'Carol Smith'" in capsys.readouterr().err

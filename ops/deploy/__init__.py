@@ -62,8 +62,8 @@ def _add_coordinator_parsers(cmds) -> None:
                     help="the SuperLink itself: loopback only (default: 127.0.0.1:9091)")
     co.add_argument("--fleet", metavar="HOST:PORT", default="0.0.0.0:9093",
                     help="node-facing address: Fleet API only (default: 0.0.0.0:9093)")
-    co.add_argument("--control", metavar="HOST:PORT", default="0.0.0.0:9095",
-                    help="operators: mutual TLS, operator CA (default: 0.0.0.0:9095)")
+    co.add_argument("--control", metavar="HOST:PORT", default="0.0.0.0:9092",
+                    help="operators: mutual TLS, operator CA (default: 0.0.0.0:9092)")
     co.add_argument("--no-control", action="store_true",
                     help="no control proxy: `flwr` only on this host, at --superlink")
     co.add_argument("--log", metavar="FILE", help="the SuperLink's log (default: this output)")
@@ -75,7 +75,8 @@ def _add_coordinator_parsers(cmds) -> None:
     tun.add_argument("--cert", metavar="FILE", required=True, help="operators/NAME.crt")
     tun.add_argument("--key", metavar="FILE", required=True, help="operators/NAME.key")
     tun.add_argument("--ca-cert", metavar="FILE", required=True, help="the deployment's ca.crt")
-    tun.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:9096")
+    tun.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:9099",
+                     help="where `flwr` connects (loopback; default: 127.0.0.1:9099)")
     tun.add_argument("--proxy-hostname", metavar="NAME",
                      help="the name the coordinator's certificate carries, when --proxy's host "
                      "is not in it (e.g. an SSH forward)")

@@ -8,13 +8,13 @@ cannot present a TLS client certificate. fedcl therefore binds the SuperLink to
 the coordinator's loopback only and puts two doors in front of it: the Fleet
 gateway for nodes (`fleet_gateway`, Fleet paths only), and this proxy for operators.
 
-    coordinator:  proxy   PUBLIC:9095  --(mTLS: client cert from the operator CA)-->  127.0.0.1:9091 SuperLink
-    operator:     tunnel  127.0.0.1:9096  --(mTLS, operator's cert and key)-->  PUBLIC:9095
+    coordinator:  proxy   PUBLIC:9092  --(mTLS: client cert from the operator CA)-->  127.0.0.1:9091 SuperLink
+    operator:     tunnel  127.0.0.1:9099  --(mTLS, operator's cert and key)-->  PUBLIC:9092
 
 The proxy only accepts a TLS handshake in which the client shows a certificate
 signed by the operator CA (`certs.OperatorFiles.ca_cert`), a CA nodes never see;
 after it, bytes flow unchanged to the SuperLink, so `flwr` still speaks TLS end to
-end with the SuperLink (its connection names the tunnel, `127.0.0.1:9096`, with
+end with the SuperLink (its connection names the tunnel, `127.0.0.1:9099`, with
 the deployment's `ca.crt`: the SuperLink's certificate carries 127.0.0.1).
 """
 
