@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -51,8 +52,9 @@ def split_list(value: str) -> list[str]:
 TaskKind = Literal["classification", "instruction"]
 PartitionKind = Literal["iid", "dirichlet", "column"]
 FrozenCache = Literal["memory", "file"]
-ComputeDtype = Literal["float32", "bfloat16"]
+ComputeDtype = Literal["float32", "bfloat16", "float16"]
 TaskPeriod = Literal["year", "quarter", "month"]
+MissingLabels = Literal["skip", "error"]
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,23 @@ class ModelConfig:
     name: str = "smollm2-135m"
     # Tokens per example after truncation; the cost of a step grows with it.
     max_length: int = 64
-    # Matmul precision on CPU. bfloat16 autocast doubles raw matmul throughput
+    # Where the base, the adapter, the batches and the evaluation live: "auto" (a
+    # CUDA GPU when torch sees one, else the CPU), "cpu", "cuda" or "cuda:N".
+    # A deployed node's node config `device` overrides it for that node.
+    device: str = "auto"
+    # Matmul precision. On the CPU: bfloat16 autocast doubles raw matmul throughput
     # here, but a training step under it measured many times slower with this
-    # torch build (see BENCHMARKS.md), so float32 is the default.
+    # torch build (see BENCHMARKS.md), so float32 is the default. On a GPU:
+    # bfloat16 (or float16, trained with loss scaling, where bfloat16 is missing)
+    # is the frozen base's weight dtype; LoRA and the optimiser stay float32
+    # (`fedcl.accelerator`). float16 needs a GPU.
     compute_dtype: ComputeDtype = "float32"
-    # Torch threads per client process (0: all cores given to the process).
+    # Recompute each decoder layer's activations in the backward pass instead of
+    # keeping them: less memory per example, about a third more compute per step;
+    # the same gradients, also DP-SGD's per-sample ones.
+    gradient_checkpointing: bool = False
+    # Torch threads per client process (0: auto, at most federation.client_cpus and
+    # a share of the cores that leaves one for the server; `fedcl.plan.thread_plan`).
     threads: int = 0
     # Keep only the first N transformer layers of the base (0: all): a smaller, faster
     # model from the same pretrained weights, for quick trials on small machines.
@@ -78,6 +92,8 @@ class ModelConfig:
         _check(bool(self.name), "model.name", self.name, "a model name or path")
         _check(8 <= self.max_length <= 8192, "model.max_length", self.max_length, "an integer in [8, 8192]")
         _check_choice("model.compute_dtype", self.compute_dtype, get_args(ComputeDtype))
+        _check(self.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", self.device) is not None,
+               "model.device", self.device, "auto, cpu, cuda or cuda:N")
         _check(self.threads >= 0, "model.threads", self.threads, "0 (auto) or a positive integer")
         _check(self.layers >= 0, "model.layers", self.layers, "0 (all) or a positive integer")
 
@@ -134,6 +150,15 @@ class DataConfig:
     response_column: str = "response"
     # Comma-separated allowed labels; empty: the labels found in the data.
     labels: str = ""
+    # The word the model scores for a label, "label:word" comma-separated, e.g.
+    # "0:no, 1:yes": the verbalizer scores one token per class, so labels that are
+    # codes, or share a first token, read better as words. Reports keep the labels.
+    # Labels not named here are their own word; clashing first tokens are resolved
+    # automatically (with a warning saying which token each label got).
+    label_words: str = ""
+    # Records whose label is a missing-value marker (empty, \N, NA, N/A, NaN,
+    # NULL, JSON null, ...): "skip" them (counted in the log) or "error" (their lines).
+    missing_labels: MissingLabels = "skip"
     # Prompt templates; {text} / {prompt} are filled from the record. "auto"
     # takes the built-in dataset's own prompt (or "{text}\nLabel:").
     classification_template: str = "auto"
@@ -174,8 +199,24 @@ class DataConfig:
     def task_file_list(self) -> list[str]:
         return split_list(self.task_files)
 
+    def label_word_map(self) -> dict[str, str]:
+        """{label: word} from `label_words` ("0:no, 1:yes"); a label may hold ':', a word may not."""
+        pairs = [item.rpartition(":") for item in split_list(self.label_words)]
+        return {label.strip(): word.strip() for label, _, word in pairs}
+
     def task_test_file_list(self) -> list[str]:
         return split_list(self.task_test_files)
+
+    def _check_label_words(self) -> None:
+        items = split_list(self.label_words)
+        allowed = 'comma-separated label:word pairs, e.g. "0:no, 1:yes"'
+        for item in items:
+            label, colon, word = item.rpartition(":")
+            _check(bool(colon and label.strip() and word.strip()), "data.label_words", item, allowed)
+        words = self.label_word_map()
+        _check(len(words) == len(items), "data.label_words", self.label_words, allowed + ", each label once")
+        _check(len(set(words.values())) == len(words), "data.label_words", self.label_words,
+               allowed + ", a different word for each label")
 
     def __post_init__(self) -> None:
         _check_finite(self, "data")
@@ -191,6 +232,8 @@ class DataConfig:
                                ("data.task_column", self.task_column), ("data.task_groups", self.task_groups)):
                 _check(not value, key, value, "empty when data.task_files is set (the files are the stream)")
         _check_choice("data.task", self.task, get_args(TaskKind))
+        _check_choice("data.missing_labels", self.missing_labels, get_args(MissingLabels))
+        self._check_label_words()
         _check_choice("data.partition", self.partition, get_args(PartitionKind))
         _check(self.alpha > 0 and math.isfinite(self.alpha), "data.alpha", self.alpha, "a positive number")
         _check(self.partition != "column" or bool(self.partition_column), "data.partition_column",
@@ -269,6 +312,14 @@ class FederationConfig:
     # CPUs Flower's simulation engine gives each virtual client; 1 lets two
     # clients train at once on a 2-core machine.
     client_cpus: int = 1
+    # The share of a GPU each virtual client holds when the run is on CUDA
+    # (model.device): 1 trains one client per GPU at a time, 0.25 lets four share
+    # one (each holds its own copy of the base). Ignored on the CPU.
+    client_gpus: float = 1.0
+    # Torch threads of the server's process (0: auto, the cores the clients that
+    # train at once leave; `fedcl.plan.thread_plan`). It may evaluate while
+    # clients train, and threads beyond the cores collapse under contention.
+    server_threads: int = 0
 
     def __post_init__(self) -> None:
         _check_finite(self, "federation")
@@ -279,6 +330,10 @@ class FederationConfig:
         _check(self.min_replies >= 1, "federation.min_replies", self.min_replies, "a positive integer")
         _check(self.timeout > 0, "federation.timeout", self.timeout, "a positive number of seconds")
         _check(self.client_cpus >= 1, "federation.client_cpus", self.client_cpus, "a positive integer")
+        _check(0.0 < self.client_gpus <= 1.0, "federation.client_gpus", self.client_gpus,
+               "a share of one GPU in (0, 1], e.g. 0.5 for two clients per GPU")
+        _check(self.server_threads >= 0, "federation.server_threads", self.server_threads,
+               "0 (auto) or a positive integer")
 
     @property
     def sampled(self) -> int:
@@ -288,6 +343,7 @@ class FederationConfig:
 STRATEGY_NAMES = ("fedavg", "ffa-lora", "flora", "fedprox", "fedadam", "fedyogi", "fedavgm",
                   "median", "trimmed-mean", "krum")
 TransportKind = Literal["float16", "float32", "int8"]
+WeightingKind = Literal["capped", "reported", "equal"]
 # How the global adapter maps onto a node's model (see fedcl/layouts.py):
 # ffa-lora freezes lora_A at its seeded init; flora ships a merged residual.
 ADAPTER_LAYOUTS = {"ffa-lora": "frozen-a", "flora": "residual"}
@@ -320,6 +376,14 @@ class StrategyConfig:
     # and largest accepted example count (0: only "no more than first reported").
     max_update_norm: float = 0.0
     max_examples: int = 0
+    # How much a reply weighs (strategies/weighting.py): "capped" = its reported
+    # example count, at most weight_cap x the round's median count (a client's
+    # claim is unverifiable; with 3 an inflated claim weighs as three typical
+    # clients, never as the whole round); "reported" = as reported (Flower's
+    # FedAvg); "equal" = 1 each.
+    # Evaluation replies are weighed by the same rule.
+    weighting: WeightingKind = "capped"
+    weight_cap: float = 3.0
 
     def __post_init__(self) -> None:
         _check_finite(self, "strategy")
@@ -338,6 +402,9 @@ class StrategyConfig:
         _check(self.num_malicious >= 0, "strategy.num_malicious", self.num_malicious, "0 or a positive integer")
         _check(self.krum_keep >= 1, "strategy.krum_keep", self.krum_keep, "a positive integer")
         _check(self.max_examples >= 0, "strategy.max_examples", self.max_examples, "0 (off) or a positive integer")
+        _check_choice("strategy.weighting", self.weighting, get_args(WeightingKind))
+        _check(self.weight_cap >= 1.0, "strategy.weight_cap", self.weight_cap,
+               "a number >= 1 (a multiple of the round's median example count)")
 
     @property
     def adapter_layout(self) -> str:
@@ -666,6 +733,75 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if flat:
         config = build_config(_nest(flat, "--set"), base=config, source="--set")
     return config
+
+
+def explicit_keys(path: str | Path | None = None, overrides: list[str] | None = None) -> set[str]:
+    """The dotted keys a TOML file and `--set` overrides name: what the user set, not the defaults."""
+    keys = {item.partition("=")[0].strip() for item in overrides or [] if "=" in item}
+    if path is not None and Path(path).is_file():
+        nested = tomllib.loads(Path(path).read_text(encoding="utf-8"))  # load_config has checked it
+        keys |= {f"{section}.{key}" for section, values in nested.items() if isinstance(values, dict)
+                 for key in values}
+    return keys
+
+
+# Settings read only in some modes: (keys, why they do nothing, when that holds).
+_STRATEGY_ONLY = {"proximal_mu": ("fedprox",), "server_lr": ("fedadam", "fedyogi"),
+                  "beta_1": ("fedadam", "fedyogi"), "beta_2": ("fedadam", "fedyogi"),
+                  "tau": ("fedadam", "fedyogi"), "momentum_lr": ("fedavgm",), "momentum": ("fedavgm",),
+                  "trim_fraction": ("trimmed-mean",), "num_malicious": ("krum",), "krum_keep": ("krum",)}
+_CLASSIFICATION_ONLY = ("text_column", "label_column", "labels", "label_words", "missing_labels",
+                        "classification_template")
+_INSTRUCTION_ONLY = ("prompt_column", "response_column", "instruction_template")
+
+
+def _ineffective_reason(config: Config, key: str) -> str | None:
+    """Why the setting `key` has no effect under `config`, or None when it has one."""
+    section, _, name = key.partition(".")
+    d, p = config.data, config.privacy
+    rules: list[tuple[bool, str]] = []
+    if section == "privacy" and name not in ("noise_multiplier", "target_epsilon"):
+        rules.append((not p.enabled, "differential privacy is off (privacy.target_epsilon and "
+                                     "privacy.noise_multiplier are 0)"))
+    elif section == "continual":
+        rules.append((not config.continual_on, "continual learning is off (data.task_column, "
+                                               "data.task_groups and data.task_files are empty)"))
+    elif section == "strategy" and name in _STRATEGY_ONLY:
+        used_by = _STRATEGY_ONLY[name]
+        rules.append((config.strategy.name not in used_by, f"only strategy.name = {' or '.join(used_by)} "
+                                                           f"reads it (it is {config.strategy.name!r})"))
+    elif section == "data":
+        rules += [
+            (name == "alpha" and d.partition != "dirichlet", f"data.partition is {d.partition!r}, not 'dirichlet'"),
+            (name == "partition_column" and d.partition != "column", f"data.partition is {d.partition!r}, not 'column'"),
+            (name == "task_period" and not d.task_column, "data.task_column is empty"),
+            (name == "test_fraction" and bool(d.test_path or d.task_test_files),
+             "a test file is given (data.test_path or data.task_test_files)"),
+            (name == "dataset" and bool(d.path or d.task_files), "data.path or data.task_files is set"),
+            (name in _CLASSIFICATION_ONLY and d.task != "classification", "data.task is 'instruction'"),
+            (name in _INSTRUCTION_ONLY and d.task != "instruction", "data.task is 'classification'"),
+        ]
+    elif key == "lora.frozen_cache":
+        rules.append((config.lora.top_layers == 0, "lora.top_layers is 0 (no frozen layers to cache)"))
+    elif key == "train.micro_batch_size":
+        rules.append((not (p.enabled and p.mode == "sample"), 'it splits DP-SGD batches (privacy.mode = '
+                                                              '"sample" with DP on)'))
+    elif key in ("train.threshold", "train.target_precision"):
+        rules.append((not config.train.positive_label, "train.positive_label is empty"))
+    return next((why for holds, why in rules if holds), None)
+
+
+def warn_ineffective(config: Config, keys: set[str]) -> list[str]:
+    """Log one warning per explicitly set key that has no effect in this configuration; return them."""
+    import logging
+
+    messages = []
+    for key in sorted(keys):
+        why = _ineffective_reason(config, key)
+        if why:
+            messages.append(f"{key} is set but has no effect: {why}")
+            logging.getLogger("fedcl.config").warning("%s", messages[-1])
+    return messages
 
 
 def from_run_config(run_config: dict[str, Any]) -> Config:

@@ -54,6 +54,8 @@ NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_DATA_FILE = "data-file"
 NODE_STATE_DIR = "state-dir"
+NODE_DEVICE = "device"  # a deployed node's own device, overriding model.device
+NODE_WORKER = "worker"  # a deployed node's worker socket (fedcl.client.worker): model kept loaded
 
 # -- metrics.json ------------------------------------------------------------------------
 MODEL = "model"  # model facts: name, base_bytes, adapter_bytes
@@ -86,6 +88,8 @@ ROUND_TASK = "task"  # continual: the task the round trained on
 TASK_ACCURACIES = "task_accuracies"  # continual: the matrix row of a task's last round
 IMPORTANCE_CLIENTS = "importance_clients"
 IMPORTANCE_REJECTED = "importance_rejected"
+WEIGHT_CAPPED = "weight_capped"  # train replies whose weight is not their reported count (strategy.weighting)
+WEIGHT_CAPPED_EVAL = "weight_capped_eval"  # the same among the evaluation replies
 
 # a round's CLIENT_DP record (client-level DP, strategies/dp.py)
 DP_CLIPPED = "clipped"  # updates whose norm exceeded the clip
@@ -113,6 +117,7 @@ TARGET_PRECISION = "target_precision"
 # one client's entry under CLIENTS
 CLIENT_ID = "id"
 CLIENT_NODE_ID = "node_id"  # the node's authenticated id (Flower's src_node_id); id is what it reports
+CLIENT_WEIGHT = "aggregation_weight"  # what the aggregation weighed it by, where not num_examples (strategy.weighting)
 
 # the privacy section (PRIVACY)
 PRIVACY_NODES = "nodes"  # node id -> the id it reported and its last lifetime epsilon

@@ -8,7 +8,7 @@ at all, not just any one of its records. Each round the strategy
    ``privacy.max_grad_norm`` with Flower's own `compute_clip_model_update`,
 3. averages the clipped updates with **equal weights** (FedAvg's example-count
    weighting would let one client's weight, and so its influence, exceed the
-   clip), and
+   clip; `strategies.weighting` applies them, whatever ``strategy.weighting``), and
 4. adds Gaussian noise of std noise_multiplier * clip / n to the average,
    n the number of clients averaged (Flower's `compute_stdv`).
 
@@ -40,7 +40,6 @@ from flwr.supercore import log
 from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv, get_norm
 
 from fedcl import keys
-from fedcl.federation.messages import reply_metrics
 from fedcl.privacy.accounting import ClientDPPlan
 
 
@@ -68,12 +67,6 @@ class ClientLevelDP:
         dp = self._round_record(rec)
         dp[keys.DP_CLIPPED] += int(norm > self.plan.clip)
         dp[keys.DP_AVERAGED] += 1
-
-    @staticmethod
-    def weigh_equally(msg: Message) -> None:
-        """Make the count the aggregation weighs by 1. The round's record already holds the
-        real, screened count; evaluation stays weighted by examples."""
-        reply_metrics(msg)[keys.NUM_EXAMPLES_MSG] = 1
 
     def release(self, arrays: ArrayRecord | None, rec: dict) -> ArrayRecord | None:
         """Noise the aggregate (None: the round did not aggregate) and record the round's DP figures."""

@@ -12,8 +12,9 @@
   checks up, and the decoding of admitted replies;
 - ``importance`` (`strategies.importance.FederatedImportance`), optional: the
   federation's task importance, when the run asks for it;
-- ``client_dp`` (`strategies.dp.ClientLevelDP`), optional: clip, equal
-  weights, noise;
+- ``weighting`` (`strategies.weighting.Weighting`): what each train and
+  evaluation reply weighs (``strategy.weighting``; equal under client-level DP);
+- ``client_dp`` (`strategies.dp.ClientLevelDP`), optional: clip, noise;
 - ``inner_state``, optional: what of the inner strategy's state (moments,
   momentum) a resumed run needs, for `state_dict`/`load_state_dict`.
 
@@ -43,6 +44,7 @@ from fedcl.strategies.importance import FederatedImportance
 from fedcl.strategies.rounds import RoundBook, bytes_sent
 from fedcl.strategies.screening import (ReplyScreen, check_agreement, check_metrics, client_label,
                                         metric_keys, number, project_metrics)
+from fedcl.strategies.weighting import Weighting
 
 
 class InnerState(Protocol):
@@ -58,12 +60,13 @@ class InnerState(Protocol):
 class FedclStrategy(Strategy):
     """Screen, weigh, aggregate (inner strategy), record: see the module docstring."""
 
-    def __init__(self, inner: FedAvg, *, book: RoundBook, screen: ReplyScreen,
+    def __init__(self, inner: FedAvg, *, book: RoundBook, screen: ReplyScreen, weighting: Weighting,
                  importance: FederatedImportance | None = None, client_dp: ClientLevelDP | None = None,
                  inner_state: InnerState | None = None) -> None:
         self.inner = inner
         self.book = book
         self.screen = screen
+        self.weighting = weighting
         self.importance = importance
         self.client_dp = client_dp
         self.inner_state = inner_state
@@ -131,11 +134,12 @@ class FedclStrategy(Strategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         rec = self.book.record(server_round)
-        usable = self._screen(rec, replies, task=self.book.round_task(server_round))
+        usable, entries = self._screen(rec, replies, task=self.book.round_task(server_round))
         if self.client_dp is not None:
             for msg in usable:
                 self.client_dp.clip(msg, self.screen.start(), rec)
-                self.client_dp.weigh_equally(msg)
+        # Client-level DP weighs equally: a weight above 1 would let one client exceed the clip.
+        self.weighting.apply(usable, rec, entries=entries, equal=self.client_dp is not None)
         arrays, metrics = None, None
         if self.book.enough(rec, usable):
             # The run's round, not Flower's count since a resume: FedAdam's bias correction uses it.
@@ -158,7 +162,8 @@ class FedclStrategy(Strategy):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        answered = [r for r in replies if not r.has_error()]
+        # In node-id order, as train replies: the averages' float sums do not depend on arrival.
+        answered = sorted((r for r in replies if not r.has_error()), key=lambda r: r.metadata.src_node_id)
         rec = self.book.record(server_round)
         # A bad evaluation reply is left out of the average, never allowed to stop the run.
         admitted = []
@@ -172,6 +177,7 @@ class FedclStrategy(Strategy):
         for msg in admitted:
             project_metrics(msg, kept)
         self.book.note_evaluation(rec, answered, admitted)
+        self.weighting.apply(admitted, rec, evaluation=True)
         weight = sum(number(reply_metrics(r), keys.NUM_EXAMPLES_MSG) for r in admitted)
         # No client holds evaluation records (e.g. data.eval_fraction = 0): nothing to average.
         if not admitted or not weight > 0:
@@ -208,9 +214,11 @@ class FedclStrategy(Strategy):
             self.screen.encode_global(content, train=train)
         return contents
 
-    def _screen(self, rec: dict, replies: Iterable[Message], *, task: int | None) -> list[Message]:
+    def _screen(self, rec: dict, replies: Iterable[Message], *,
+                task: int | None) -> tuple[list[Message], list[dict]]:
         """The replies fit to aggregate, each holding its float32 absolute state (the rest are
-        counted in `rec`); `task`: the continual task the round trains (None: none)."""
+        counted in `rec`), and their client entries; `task`: the continual task the round
+        trains (None: none)."""
         taken = self.book.take_replies(rec, replies)
         entries = {id(msg): entry for msg, entry in taken}
         agreeing, kept = self._agreeing([msg for msg, _ in taken], lambda msg, reason: self.book.reject(
@@ -229,7 +237,9 @@ class FedclStrategy(Strategy):
                 self.importance.take(msg, importance, self.screen.template(), rec)
             project_metrics(msg, kept)
             usable.append(msg)
-        return usable
+        # In node-id order: the aggregate's float sums then do not depend on arrival order.
+        usable.sort(key=lambda m: m.metadata.src_node_id)
+        return usable, [entries[id(m)] for m in usable]
 
     @staticmethod
     def _agreeing(replies: list[Message],
@@ -273,5 +283,6 @@ def compose(kind: type[FedclStrategy], inner: FedAvg, config, *, round_offset: i
     # federated importance is an option of the aggregation, present only when the run asks for it
     wants_importance = config.continual_on and config.continual.federated_importance
     importance = FederatedImportance() if wants_importance else None
-    return kind(inner, book=book, screen=screen, importance=importance, client_dp=client_dp,
-                inner_state=inner_state)
+    weighting = Weighting(weighting=strat.weighting, cap=strat.weight_cap)
+    return kind(inner, book=book, screen=screen, weighting=weighting, importance=importance,
+                client_dp=client_dp, inner_state=inner_state)

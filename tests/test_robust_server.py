@@ -1,0 +1,107 @@
+"""The server's own bounds and claims: how much one client weighs, reproducibility, run config.
+
+The federation tests run a tiny in-process federation through the real ServerApp
+and ClientApp (`tests.test_robustness_replies.Federation`: its intercept hook
+turns one node's replies hostile) and check what the saved global adapter and the
+federated evaluation are made of.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+from fedcl.config import ConfigError, load_config
+from fedcl.session import GlobalEvaluator
+from fedcl.strategies.weighting import bounded_weights
+from tests.test_robustness_replies import HOSTILE, Federation
+
+pytestmark = pytest.mark.robustness
+
+INFLATED = 10**6
+ROUNDS = (1, 2)
+
+
+def _inflates_both_counts(reply, kind, run_round, partition):
+    """The hostile node claims a million examples in its first reply and every later one
+    (train and evaluate), and reports a zero accuracy, so its weight shows in the average."""
+    if partition == HOSTILE and not reply.has_error():
+        reply.content["metrics"]["num-examples"] = INFLATED
+        if kind == "evaluate":
+            reply.content["metrics"]["accuracy"] = 0.0
+    return False  # counted: the claim is well formed, only its weight is bounded
+
+
+def _weights(counts: list[int], cap: float = 3.0) -> list[int]:
+    """The rule written out again, independently of strategies/weighting.py."""
+    limit = int(cap * statistics.median_low([c for c in counts if c > 0]))
+    return [min(c, limit) for c in counts]
+
+
+def test_an_inflated_count_weighs_at_most_weight_cap_times_the_median(tmp_path):
+    fed = Federation(tmp_path, _inflates_both_counts)
+    fed.check_all_rounds()
+    evaluator = GlobalEvaluator(fed.config)
+    previous = evaluator.initial_state
+    for run_round in ROUNDS:
+        record = fed.record(run_round)
+        counted = [(m["num-examples"], u) for k, r, m, u in fed.counted if k == "train" and r == run_round]
+        weights = _weights([c for c, _ in counted])
+        honest = [c for c, _ in counted if c != INFLATED]
+        assert len(counted) == 3 and max(weights) == 3 * max(honest) < INFLATED
+        # The global: the last one plus the capped-weighted mean of the three updates.
+        saved = evaluator.load_saved(fed.out / "adapters" / f"round-{run_round}")
+        for name, start in previous.items():
+            mean = sum(w * u[name] for w, (_, u) in zip(weights, counted)) / sum(weights)
+            assert torch.allclose(saved[name], start + mean, atol=1e-6), (run_round, name)
+        previous = saved
+        # The record keeps the claim and says what it weighed.
+        (hostile,) = fed.entries(run_round, HOSTILE)
+        assert hostile["num_examples"] == INFLATED and hostile["aggregation_weight"] == max(weights)
+        assert record["rejected"] == 0 and record["weight_capped"] == 1
+        # Evaluation: the same rule among the round's evaluation replies.
+        evaluated = [m for k, r, m, _ in fed.counted if k == "evaluate" and r == run_round]
+        eval_weights = _weights([m["num-examples"] for m in evaluated])
+        expected = sum(w * m["accuracy"] for w, m in zip(eval_weights, evaluated)) / sum(eval_weights)
+        assert record["federated_eval"]["accuracy"] == pytest.approx(expected)
+        assert record["weight_capped_eval"] == 1
+        # Weighted as reported, the hostile zero would have pulled the average to about 0.
+        reported = sum(m["num-examples"] * m["accuracy"] for m in evaluated) / sum(
+            m["num-examples"] for m in evaluated)
+        assert reported < expected / 100
+
+
+def test_reported_weighting_keeps_flowers_fedavg_weights(tmp_path):
+    fed = Federation(tmp_path, _inflates_both_counts, "strategy.weighting=reported", "federation.rounds=1")
+    record = fed.record(1)
+    assert record["weight_capped"] == 0 and record["weight_capped_eval"] == 0
+    evaluated = [m for k, r, m, _ in fed.counted if k == "evaluate"]
+    total = sum(m["num-examples"] for m in evaluated)
+    expected = sum(m["num-examples"] * m["accuracy"] for m in evaluated) / total
+    assert record["federated_eval"]["accuracy"] == pytest.approx(expected) and expected < 1e-3
+
+
+@pytest.mark.parametrize("weighting,counts,expected", [
+    ("capped", [13, 13, 10**6], [13, 13, 39]),
+    ("capped", [44, 84, 3, 1, 25], [44, 75, 3, 1, 25]),  # Dirichlet(0.1), 5 clients, seed 0
+    ("capped", [100, 500], [100, 300]),  # two clients: the lower median is the smaller count
+    ("capped", [0, 0, 5], [0, 0, 5]),  # clients without evaluation records take no part
+    ("capped", [1, 1, 1], [1, 1, 1]),
+    ("reported", [13, 10**6], [13, 10**6]),
+    ("equal", [13, 0, 10**6], [1, 0, 1]),
+    ("capped", [], []),
+])
+def test_bounded_weights(weighting, counts, expected):
+    assert bounded_weights(counts, weighting=weighting, cap=3.0) == expected
+
+
+def test_weight_cap_one_is_the_median_and_bad_settings_are_refused():
+    assert bounded_weights([5, 7, 9], weighting="capped", cap=1.0) == [5, 7, 7]
+    with pytest.raises(ConfigError, match="strategy.weight_cap"):
+        load_config(None, ["strategy.weight_cap=0.5"])
+    with pytest.raises(ConfigError, match="strategy.weighting"):
+        load_config(None, ["strategy.weighting=median"])
+    with pytest.raises(ValueError, match="strategy.weighting"):
+        bounded_weights([1], weighting="median", cap=3.0)
