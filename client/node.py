@@ -7,6 +7,7 @@ here, and encodes what comes back. Everything a round decides lives here:
 - which data the node holds: its node config's ``data-file`` (a deployed
   institution's own file, all of it its share) or, in simulation, share
   ``partition-id`` of ``num-partitions``;
+- where it computes: ``model.device``, or its node config's ``device``;
 - sample-level DP: the node's privacy ledger (in its state folder) is checked
   before training and charged before the reply leaves; a node past its budget
   trains nothing and says why;
@@ -48,6 +49,7 @@ class TrainRequest:
     task_end: bool = False  # continual: the task's last round (send the node's importance)
     shared_importance: dict[str, torch.Tensor] | None = None  # the federation's importance of a past task
     importance_task: int | None = None  # which task `shared_importance` belongs to
+    message_id: str = ""  # Flower's message id: a message re-sent after a dead worker is charged once
 
 
 @dataclass
@@ -60,8 +62,17 @@ class TrainReply:
     importance: dict[str, torch.Tensor] | None = field(default=None)
 
 
+def node_config_overrides(config: Config, node_config: dict) -> Config:
+    """`config` with what the node config says of this node alone: its ``device`` (model.device)."""
+    device = node_config.get(keys.NODE_DEVICE)
+    if device:  # e.g. flower-supernode --node-config "device='cuda:1'"
+        config = config.replace({"model.device": str(device)}, source=f"node config {keys.NODE_DEVICE}")
+    return config
+
+
 def node_session(config: Config, node_config: dict) -> LocalSession:
-    """The node's session: its model, task and share of the data."""
+    """The node's session: its model (on its device), task and share of the data."""
+    config = node_config_overrides(config, node_config)
     data_file = node_config.get(keys.NODE_DATA_FILE)
     if data_file:  # a deployed institution's own file
         config = dataclasses.replace(config, data=dataclasses.replace(
@@ -130,7 +141,7 @@ def _train_plain(session: LocalSession, node_config: dict, request: TrainRequest
     if _dp_on(session.config):
         guard = client_privacy(session.config, session.client_id, len(session.train_records),
                                _state_dir(session, node_config))
-        verdict = guard.check()
+        verdict = guard.check(message=request.message_id)
         if not verdict.allowed:
             return _refusal(session, request.server_round, verdict)
     state, result = session.train(request.state, request.server_round, dp_plan=guard.plan if guard else None)
@@ -160,7 +171,7 @@ def _train_continual(session: LocalSession, node_config: dict, request: TrainReq
         pool = node.dp_pool(task)
         guard = ClientPrivacy(task_plan(dp_base_plan(cfg, node.shares), len(pool), cfg.train.batch_size),
                               node.state_dir)
-        verdict = guard.check()
+        verdict = guard.check(message=request.message_id)
         if not verdict.allowed:
             return _refusal(session, request.server_round, verdict)
     state, result = node.train(request.state, request.server_round, task, pool=pool,
@@ -184,7 +195,8 @@ def train_round(config: Config, node_config: dict, request: TrainRequest) -> Tra
     result, guard = trained.result, trained.guard
     dp = {}
     if guard is not None:  # charged before the reply leaves the node
-        eps = guard.charge(run=session.config.run.out_dir, server_round=request.server_round, steps=result.steps)
+        eps = guard.charge(run=session.config.run.out_dir, server_round=request.server_round, steps=result.steps,
+                           message=request.message_id)
         dp = {keys.EPSILON: eps, keys.NOISE_MULTIPLIER: guard.plan.noise_multiplier,
               keys.SAMPLE_RATE: guard.plan.sample_rate}
     eps_text = f" | eps {dp[keys.EPSILON]:.2f}" if dp else ""

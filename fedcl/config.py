@@ -804,13 +804,28 @@ def warn_ineffective(config: Config, keys: set[str]) -> list[str]:
     return messages
 
 
+# pyproject's [tool.flwr.app.config] holds these values where they are not "" (not set there).
+FLWR_APP_VALUES = {"config": "", "run.out_dir": "runs/flwr-run"}
+
+
+def flwr_app_config() -> dict[str, Any]:
+    """What pyproject's `[tool.flwr.app.config]` must declare: every key (Flower refuses a
+    `--run-config` key not declared there), each as "" (not set: the file named by `config`,
+    else the default, holds) but for `FLWR_APP_VALUES`. tests/test_robust_server.py checks it."""
+    return {key: FLWR_APP_VALUES.get(key, "") for key in ["config", *Config().to_flat()]}
+
+
 def from_run_config(run_config: dict[str, Any]) -> Config:
     """Rebuild the typed config inside a Flower app from its flat run_config.
 
-    `flwr run .` passes pyproject's `[tool.flwr.app.config]`, whose optional
-    `config` key names a TOML file; every other dotted key overrides it.
+    `flwr run .` passes pyproject's `[tool.flwr.app.config]`, whose `config`
+    key names a TOML file ("" = none) and whose other dotted keys override it,
+    except those still "" (`flwr_app_config`: declared, not set). A run config
+    without `config` (the simulation's, `Config.to_flat`) is taken as it is.
     """
     flat = dict(run_config)
+    if "config" in flat:
+        flat = {key: value for key, value in flat.items() if value != "" or key == "config"}
     path = flat.pop("config", "") or None
     config = load_config(path) if path else Config()
     return build_config(_nest(flat, "run_config"), base=config, source="run_config") if flat else config

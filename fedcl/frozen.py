@@ -53,7 +53,7 @@ import torch
 
 from fedcl import atomic
 
-from fedcl import models
+from fedcl import accelerator, models
 from fedcl.config import LoraConfig, ModelConfig
 from fedcl.tasks import Batch, WholeDecoder, decoder_and_head
 from fedcl.train import autocast
@@ -193,7 +193,8 @@ class FrozenBottom:
 
     def prepare(self, batch: Batch) -> Batch:
         """`batch` with `hidden` (B, T, H) entering layer `start` and `position_ids` (1, T)."""
-        ids, mask = batch.input_ids, batch.attention_mask
+        # Keys and the padding check read the tokens on the host: one copy off the device.
+        ids, mask = batch.input_ids.cpu(), batch.attention_mask.cpu()
         width = ids.shape[1]
         lengths = [int(n) for n in mask.sum(dim=1)]
         for row, n in enumerate(lengths):
@@ -213,7 +214,8 @@ class FrozenBottom:
         hidden = like.new_zeros((len(states), width, self.decoder.config.hidden_size))
         for row, (n, s) in enumerate(zip(lengths, states)):
             hidden[row, width - n:] = s
-        return dataclasses.replace(batch, hidden=hidden, position_ids=_positions(width, hidden.device))
+        device = self.decoder.embed_tokens.weight.device  # where the layers that read them are
+        return dataclasses.replace(batch, hidden=hidden.to(device), position_ids=_positions(width, device))
 
     @torch.no_grad()
     def _compute(self, ids: torch.Tensor, mask: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
@@ -225,7 +227,8 @@ class FrozenBottom:
         with autocast(self.model_cfg):
             hidden = run_layers(self.decoder, self.decoder.embed_tokens(ids), mask,
                                 _positions(width, device), range(self.start))
-        return [hidden[row, width - n:].clone() for row, n in enumerate(lengths)]
+        # Kept in host memory whatever the device: a GPU's memory is for the model and batches.
+        return [hidden[row, width - n:].to("cpu", copy=True) for row, n in enumerate(lengths)]
 
     def last_hidden(self, model, batch: Batch) -> torch.Tensor:
         """(B, T, H) final-norm hidden states from the batch's cached states, top layers only."""
@@ -236,7 +239,11 @@ class FrozenBottom:
             raise ValueError(f"lora.top_layers: the cached states are for a {self.num_layers}-layer "
                              f"model, this one has {len(decoder.layers)} layers")
         device = decoder.norm.weight.device
-        hidden = run_layers(decoder, batch.hidden.to(device), batch.attention_mask.to(device),
+        hidden = batch.hidden.to(device)
+        if torch.is_grad_enabled() and accelerator.checkpointing_on(decoder):
+            # Reentrant checkpointing passes gradients only into a layer whose input needs them.
+            hidden = hidden.detach().requires_grad_(True)
+        hidden = run_layers(decoder, hidden, batch.attention_mask.to(device),
                             batch.position_ids.to(device), range(self.start, self.num_layers))
         return decoder.norm(hidden)
 

@@ -46,7 +46,7 @@ from transformers import (
     Qwen2Config,
 )
 
-from fedcl import gguf_cache
+from fedcl import accelerator, gguf_cache
 from fedcl.config import LoraConfig, ModelConfig, split_list
 
 
@@ -241,9 +241,10 @@ _TINY_BUILDERS: dict[str, Callable[..., PretrainedConfig]] = {
 }
 
 
-def _build_tiny(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def tiny_config(name: str) -> PretrainedConfig:
+    """The transformers config of built-in tiny model `name`, without building weights."""
     tokenizer = _deepseek_tokenizer()
-    config = _TINY_BUILDERS[name](
+    return _TINY_BUILDERS[name](
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=8192,
         # Tied: the 129k x 64 embedding is most of the parameters; store it once.
@@ -251,6 +252,10 @@ def _build_tiny(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def _build_tiny(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer, config = _deepseek_tokenizer(), tiny_config(name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_TINY_SEED)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -371,16 +376,22 @@ def _check_lora_placement(model: PeftModel, layers: list[int]) -> None:
 
 
 def build_lora_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *,
-                     device: str | torch.device = "cpu") -> tuple[PeftModel, PreTrainedTokenizerBase]:
+                     device: str | torch.device | None = None) -> tuple[PeftModel, PreTrainedTokenizerBase]:
     """A fresh base from `model_cfg.name` with a LoRA adapter; only LoRA trains.
 
     The adapter's initial weights depend only on `lora_cfg.init_seed` (the
-    global RNG state is left untouched). The base moves to `device` before
-    PEFT wraps it (opacus#820 reported corrupted LoRA updates otherwise).
+    global RNG state is left untouched; PEFT draws them on the CPU, so every
+    device starts from the same ones). The base moves to `device` (default:
+    `model.device`) in its compute dtype (`fedcl.accelerator.base_dtype`)
+    before PEFT wraps it (opacus#820 reported corrupted LoRA updates
+    otherwise); the LoRA factors are float32 on any device.
     With `lora_cfg.top_layers = k` LoRA goes into the top k decoder layers only.
+    With `model.gradient_checkpointing` the decoder layers recompute their activations.
     """
+    device = torch.device(device) if device is not None else accelerator.resolve_device(model_cfg.device)
+    dtype = accelerator.base_dtype(model_cfg, device)
     model, tokenizer = load_configured_base(model_cfg)
-    model = model.to(device)
+    model = model.to(device=device, dtype=dtype)
     layers = top_layer_indices(model, lora_cfg.top_layers)
     peft_config = PeftLoraConfig(
         task_type=TaskType.CAUSAL_LM, r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
@@ -400,6 +411,10 @@ def build_lora_model(model_cfg: ModelConfig, lora_cfg: LoraConfig, *,
         _check_lora_placement(peft_model, layers)
     for name, param in peft_model.named_parameters():
         param.requires_grad_("lora_" in name)
+        if "lora_" in name:
+            param.data = param.data.to(torch.float32)  # adapter and optimiser state stay float32
+    if model_cfg.gradient_checkpointing:
+        accelerator.enable_checkpointing(peft_model)
     return peft_model, tokenizer
 
 

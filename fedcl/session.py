@@ -10,26 +10,39 @@ split. Nothing here imports Flower.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import random
 from dataclasses import dataclass
 
 import torch
 
-from fedcl import adapters, data, frozen, layouts, models
+from fedcl import accelerator, adapters, data, frozen, layouts, models
 from fedcl.config import Config
+from fedcl.plan import thread_plan
 from fedcl.regularizers import proximal_term
 from fedcl.tasks import make_task
 from fedcl.train import TrainResult, evaluate, train_local
 
+logger = logging.getLogger("fedcl.session")
 
-def configure_threads(config: Config, *, server: bool = False) -> None:
-    """Torch threads: what the engine gives a client; the server, idle while
-    clients train, evaluates with every core."""
-    cores = os.cpu_count() or 1
-    threads = config.model.threads or (cores if server else min(config.federation.client_cpus, cores))
+
+def configure_threads(config: Config, *, server: bool = False) -> int:
+    """Set this process's torch threads from `fedcl.plan.thread_plan`, the one rule
+    for clients and server (together at most the cores); one log line when it changes."""
+    rule = thread_plan(config)
+    threads = rule.server if server else rule.client
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    role = "server" if server else "client"
+    if (role, threads) not in _ANNOUNCED:  # once per process and role, not per call
+        _ANNOUNCED.add((role, threads))
+        logger.info("%s process %d: %d torch thread(s); %s", role, os.getpid(), threads, rule.describe())
+        print(f"{role} | threads {threads} | {rule.describe()}", flush=True)
+    return threads
+
+
+_ANNOUNCED: set[tuple[str, int]] = set()
 
 
 @functools.lru_cache(maxsize=4)
@@ -45,7 +58,8 @@ def _lora_model(model_cfg, lora_cfg, layout: str = "lora"):
 def _content_free_offset(model_cfg, data_cfg, train_cfg, labels: tuple[str, ...]):
     # From a fresh copy of the base model, never from the session's model: the
     # offset must not depend on the adapter a node happens to hold, so every
-    # client and the server subtract the same one.
+    # client and the server subtract the same one. On the CPU in float32 whatever
+    # model.device: nodes on different devices and dtypes still share one offset.
     model, tokenizer = models.load_configured_base(model_cfg)
     task = make_task("classification", tokenizer, list(labels), data_cfg, model_cfg, train_cfg)
     return task.content_free_scores(model)
@@ -84,6 +98,7 @@ class Shared:
         dataset = _dataset(config.data, config.train.seed)
         task = make_task(config.data.task, tokenizer, dataset.labels, config.data, config.model,
                          config.train)
+        task.device = accelerator.model_device(model)  # batches are made where the model is
         if config.data.calibrate:
             task.offset = _content_free_offset(config.model, config.data, config.train, tuple(dataset.labels))
         # lora.top_layers: this holder's records get their frozen states computed once, kept here.

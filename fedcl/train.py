@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from fedcl import metrics
+from fedcl import accelerator, metrics
 from fedcl.config import ModelConfig, TrainConfig
 from fedcl.optim import build_optimizer
 from fedcl.tasks import Batch, ClassificationTask
@@ -31,10 +31,20 @@ class TrainResult:
 
 
 def autocast(model_cfg: ModelConfig):
-    """bfloat16 autocast on CPU when configured: about twice the matmul rate here."""
-    if model_cfg.compute_dtype == "bfloat16":
+    """bfloat16 autocast on the CPU when configured: about twice the matmul rate here.
+
+    On a GPU the base's weights are already in the compute dtype
+    (`fedcl.accelerator.base_dtype`) and LoRA computes in float32: no autocast.
+    """
+    if model_cfg.compute_dtype == "bfloat16" and accelerator.resolve_device(model_cfg.device).type == "cpu":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def grad_scaler(model_cfg: ModelConfig, params: list[torch.nn.Parameter]) -> torch.amp.GradScaler:
+    """Loss scaling for float16 (`fedcl.accelerator.needs_loss_scaling`); a no-op scaler otherwise."""
+    device = params[0].device if params else torch.device("cpu")
+    return torch.amp.GradScaler(device.type, enabled=accelerator.needs_loss_scaling(model_cfg))
 
 
 def sample_batches(records: list, batch_size: int, steps: int, seed: int) -> Iterator[list]:
@@ -67,6 +77,7 @@ def train_local(model, task, records: list, train_cfg: TrainConfig, model_cfg: M
     """
     params = trainable_parameters(model)
     optimizer = build_optimizer(params, train_cfg)
+    scaler = grad_scaler(model_cfg, params)
     model.train()
     start, losses, examples, tokens = time.perf_counter(), [], 0, 0
     batches = sample_batches(records, train_cfg.batch_size, train_cfg.local_steps, seed)
@@ -77,10 +88,12 @@ def train_local(model, task, records: list, train_cfg: TrainConfig, model_cfg: M
         if extra_loss is not None:
             loss = loss + extra_loss(model)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clipping and the update see the true gradients
         if train_cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped when float16 overflowed; the scale then halves
+        scaler.update()
         losses.append(float(loss.detach()))
         examples += len(chunk)
         tokens += int(batch.attention_mask.sum())

@@ -25,33 +25,56 @@ from collections.abc import Iterator
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
+import torch
 
+from fedcl import accelerator, keys
 from fedcl.config import Config
 
 
 def backend_config(config: Config) -> dict:
+    """Ray's resources: federation.client_cpus per client and, on CUDA, federation.client_gpus of a GPU.
+
+    Ray then sets each client's CUDA_VISIBLE_DEVICES to the GPU it was given;
+    the ServerApp, in this process, evaluates on model.device itself.
+    """
     cpus = os.cpu_count() or 1
+    on_cuda = accelerator.resolve_device(config.model.device).type == "cuda"
+    gpus = torch.cuda.device_count() if on_cuda else 0
     return {
-        "client_resources": {"num_cpus": min(config.federation.client_cpus, cpus), "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
+        "client_resources": {"num_cpus": min(config.federation.client_cpus, cpus),
+                             "num_gpus": config.federation.client_gpus if gpus else 0.0},
+        "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False,
                       "logging_level": "warning", "log_to_driver": True},
     }
 
 
-def with_run_config(client_app: ClientApp, run_config: dict) -> ClientApp:
-    """`client_app` with `run_config` in every Context it is called with.
+def client_node_config(config: Config) -> dict:
+    """What every simulated client's node config adds: on CUDA, "the GPU Ray gave you".
+
+    A client sees only its own GPU (as cuda:0), so a model.device of cuda:N
+    names the server's GPU, not the clients'.
+    """
+    if accelerator.resolve_device(config.model.device).type == "cuda":
+        return {keys.NODE_DEVICE: "cuda"}
+    return {}
+
+
+def with_run_config(client_app: ClientApp, run_config: dict, node_config: dict | None = None) -> ClientApp:
+    """`client_app` with `run_config` (and `node_config`'s keys added) in every Context it is called with.
 
     `flwr run` fills `context.run_config` from pyproject; the Python simulation
     entry point leaves it empty, so this wrapper supplies it to every call.
     """
     wrapped = ClientApp()
     frozen = dict(run_config)
+    extra = dict(node_config or {})
 
     def with_config(context: Context) -> Context:
         # Context.run_config is read-only once set; the node's state record is
         # passed through by reference so that what a handler stores persists.
         return Context(run_id=context.run_id, node_id=context.node_id,
-                       node_config=context.node_config, state=context.state, run_config=frozen)
+                       node_config={**context.node_config, **extra} if extra else context.node_config,
+                       state=context.state, run_config=frozen)
 
     @wrapped.train()
     def _train(msg: Message, context: Context) -> Message:
@@ -86,7 +109,7 @@ def run_on_ray(config: Config, *, client_app: ClientApp, server_app: ServerApp) 
         _run_simulation(
             num_supernodes=config.federation.clients,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=with_run_config(client_app, flat),
+            client_app=with_run_config(client_app, flat, client_node_config(config)),
             server_app=server_app,
             backend_name="ray",
             backend_config=backend_config(config),

@@ -1,8 +1,9 @@
 """Checks every command runs before it writes anything, and the error they raise.
 
-`preflight` loads the data, the model and the task and splits the data as
-the run will, so a bad file, an empty client or an impossible DP plan ends
-the command with a message before any run folder exists.
+`preflight` checks the device (model.device, model.compute_dtype), loads the
+data, the model and the task and splits the data as the run will, so a
+missing GPU, a bad file, an empty client or an impossible DP plan ends the
+command with a message before any run folder exists.
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ class UsageError(Exception):
 
 def preflight(config: Config) -> None:
     """Load data, model and task and split the data, so errors surface before any write."""
-    from fedcl import data
+    from fedcl import accelerator, data
     from fedcl.session import GlobalEvaluator, dataset_for
 
+    try:  # a device this machine lacks (model.device = cuda without CUDA) fails first of all
+        accelerator.check(config.model)
+    except accelerator.DeviceError as err:
+        raise UsageError(str(err)) from None
+    _print_plan(config)  # before the model loads: a model the machine cannot hold is named first
     dataset_for(config.data, config.train.seed)  # a bad data file fails fast, before the model loads
     evaluator = GlobalEvaluator(config)
     for client in range(config.federation.clients):
@@ -36,6 +42,24 @@ def preflight(config: Config) -> None:
                 sample_plan(config, len(train))
             except ConfigError as err:
                 raise ConfigError(f"client {client}: {err}") from None
+
+
+def _print_plan(config: Config) -> None:
+    """One line of the memory plan (`fedcl plan`), and its warnings, on stderr; never refuses a run."""
+    import sys
+
+    from fedcl.models import ModelError
+    from fedcl.plan import plan_run, summary_line
+    from fedcl.shapes import ShapeError
+
+    try:
+        plan = plan_run(config)
+    except (ShapeError, ModelError) as err:  # loading the model reports its own errors
+        print(f"plan: not estimated ({err})", file=sys.stderr)
+        return
+    print(summary_line(plan), file=sys.stderr)
+    for warning in plan.warnings:
+        print(f"plan: warning: {warning}", file=sys.stderr)
 
 
 def _preflight_continual(config: Config, client: int) -> None:

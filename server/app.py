@@ -22,7 +22,7 @@ import fedcl  # noqa: F401  (sets offline defaults before flwr loads)
 from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedcl import keys
+from fedcl import accelerator, keys
 from fedcl.config import ConfigError, from_run_config
 from fedcl.continual.schedule import resolve_rounds
 from fedcl.continual.tracker import ServerContinual
@@ -51,6 +51,8 @@ def main(grid: Grid, context: Context) -> None:
     metrics = run_dir.start(config.to_toml(), {
         "name": config.model.name, "base_bytes": evaluator.base_bytes(),
         "adapter_bytes": sum(t.numel() * 4 for t in evaluator.initial_state.values()),
+        # Where the server evaluates (clients compute on the same model.device, or their node's).
+        **accelerator.device_facts(evaluator.shared.model, config.model),
     })
     if config.privacy.enabled:
         metrics[keys.PRIVACY] = {**metrics.get(keys.PRIVACY, {}), **privacy_report.run_section(config)}

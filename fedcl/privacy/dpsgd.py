@@ -19,7 +19,16 @@ per-example terms, so each example's clipped gradient covers both).
 
 Batches and noise come from the operating system's secure randomness, not
 from the run seed: the server knows the run seed and could otherwise
-replay the noise and subtract it.
+replay the noise and subtract it. The Poisson draws are made on the CPU; the
+noise is drawn on the parameters' device (`model.device`), by a generator
+seeded from the same secret seed (`noise_generator`).
+
+On a GPU with ``model.compute_dtype = "float16"`` the loss is scaled against
+underflow and each micro-batch's per-sample gradients divided back before
+Opacus clips them; an overflow recomputes the micro-batch at half the scale
+(`fedcl.accelerator.unscale_grad_samples`), so what is released is unchanged.
+With ``model.gradient_checkpointing`` the layers recompute their activations
+reentrantly, under which the per-sample hooks give the same gradients.
 
 A logical batch larger than ``train.micro_batch_size`` runs as micro-batches
 (as Opacus' BatchMemoryManager does): after each but the last, the optimizer
@@ -37,6 +46,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from fedcl import accelerator
 from fedcl.config import ModelConfig, TrainConfig
 from fedcl.optim import build_optimizer
 from fedcl.privacy.accounting import DPPlan
@@ -45,6 +55,17 @@ from fedcl.train import TrainResult, autocast, trainable_parameters
 
 def secure_generator() -> torch.Generator:
     return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+def noise_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
+    """The generator Opacus draws the noise with: `generator` on the CPU, else one on `device`.
+
+    Seeded from `generator`'s (secret) seed without drawing from it, so the
+    Poisson batches are the same whichever device the noise is drawn on.
+    """
+    if device.type == "cpu":
+        return generator
+    return torch.Generator(device=device).manual_seed((generator.initial_seed() + 1) % 2**63)
 
 
 def poisson_batches(num_records: int, sample_rate: float, steps: int,
@@ -112,18 +133,27 @@ def train_private(model, task, records: list, train_cfg: TrainConfig, model_cfg:
              build_optimizer(params, train_cfg))
     optimizer = DPOptimizer(inner, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
                             expected_batch_size=plan.expected_batch_size, loss_reduction="mean",
-                            generator=generator)
+                            generator=noise_generator(generator, params[0].device))
     model.train()
     start, losses, examples, tokens = time.perf_counter(), [], 0, 0
+    scaling = accelerator.needs_loss_scaling(model_cfg)
+    scale = accelerator.DP_INITIAL_SCALE if scaling else 1.0
 
     def backward(chunk: list[int]) -> float:
         """Forward and backward one micro-batch; its summed loss (the per-sample gradients are hooked)."""
-        nonlocal tokens
+        nonlocal tokens, scale
         batch = task.encode([records[i] for i in chunk])
-        with autocast(model_cfg):
-            loss = (batch_loss(model, batch) if batch_loss is not None
-                    else task.per_example_loss(model, batch).mean())
-        loss.backward()
+        while True:
+            with autocast(model_cfg):
+                loss = (batch_loss(model, batch) if batch_loss is not None
+                        else task.per_example_loss(model, batch).mean())
+            (loss * scale if scaling else loss).backward()
+            if not scaling or accelerator.unscale_grad_samples(params, scale):
+                break
+            if scale <= 1.0:
+                raise FloatingPointError("DP-SGD: per-sample gradients are not finite even without loss "
+                                         "scaling; lower train.lr or use model.compute_dtype = bfloat16")
+            scale /= 2  # float16 overflowed: the same micro-batch again, at half the scale
         tokens += int(batch.attention_mask.sum())
         return float(loss.detach()) * len(chunk)
 
