@@ -8,12 +8,16 @@ federated evaluation are made of.
 
 from __future__ import annotations
 
+import re
+import shlex
 import statistics
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
 
-from fedcl.config import ConfigError, load_config
+from fedcl.config import Config, ConfigError, flwr_app_config, from_run_config, load_config
 from fedcl.session import GlobalEvaluator
 from fedcl.strategies.weighting import bounded_weights
 from tests.test_robustness_replies import HOSTILE, Federation
@@ -105,3 +109,52 @@ def test_weight_cap_one_is_the_median_and_bad_settings_are_refused():
         load_config(None, ["strategy.weighting=median"])
     with pytest.raises(ValueError, match="strategy.weighting"):
         bounded_weights([1], weighting="median", cap=3.0)
+
+
+# -- flwr run's run config ---------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+RUN_CONFIG_ARG = re.compile(r"--run-config\s+(?:\\\n\s*)?('[^']*'|\"(?:[^\"\\]|\\.)*\")")
+
+
+def test_pyproject_declares_every_config_key_and_only_those():
+    from flwr.common.config import flatten_dict
+
+    declared = flatten_dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    expected = flwr_app_config()
+    missing, extra = sorted(set(expected) - set(declared)), sorted(set(declared) - set(expected))
+    assert not missing and not extra, (
+        f"pyproject's [tool.flwr.app.config] lacks {missing} and has keys that are no fedcl setting "
+        f"{extra}: declare each key of fedcl.config.flwr_app_config() under its section, as \"\"")
+    assert declared == expected
+
+
+def test_the_readmes_run_config_examples_are_accepted_by_flower_and_fedcl(tmp_path):
+    """Each `--run-config` of the README, parsed and validated as Flower does (`flwr run`
+    parses it, the SuperLink fuses it with the app's declared config, refusing undeclared
+    keys), gives a fedcl config with those values and the config file's for the rest."""
+    from flwr.common.config import get_fused_config_from_dir, parse_config_args
+
+    (tmp_path / "run.toml").write_text("[train]\nlr = 0.05\n[federation]\nrounds = 7\n")
+    examples = [shlex.split(m)[0] for m in RUN_CONFIG_ARG.findall((ROOT / "README.md").read_text())]
+    assert any("model.name" in e for e in examples) and any("config=" in e for e in examples), examples
+    for example in examples:
+        overrides = parse_config_args([example.replace("$D", str(tmp_path))])
+        config = from_run_config(get_fused_config_from_dir(ROOT, overrides))
+        flat = config.to_flat()
+        for key, value in overrides.items():
+            if key != "config":
+                assert flat[key] == value, (example, key)
+        if "config" in overrides:  # the file's values hold where the run config is silent
+            assert config.train.lr == 0.05 and config.federation.rounds == overrides.get("federation.rounds", 7)
+        else:
+            assert config.train.lr == Config().train.lr
+
+
+def test_an_undeclared_key_is_refused_by_flower_and_a_declared_one_left_unset_is_the_files(tmp_path):
+    from flwr.common.config import get_fused_config_from_dir, parse_config_args
+
+    with pytest.raises(ValueError, match="model.nme"):
+        get_fused_config_from_dir(ROOT, parse_config_args(['model.nme="tiny-llama"']))
+    (tmp_path / "run.toml").write_text('[model]\nname = "tiny-qwen2"\n')
+    fused = get_fused_config_from_dir(ROOT, parse_config_args([f'config="{tmp_path / "run.toml"}"']))
+    assert fused["model.name"] == "" and from_run_config(fused).model.name == "tiny-qwen2"
