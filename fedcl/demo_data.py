@@ -202,7 +202,11 @@ def _load_icd10_chapters(path: Path) -> tuple[Records, None]:
 # -- CFPB consumer complaints (bank) --------------------------------------------------------
 
 # Label words for the 8 products, one distinct first token each ("Credit
-# reporting ..." and "Credit card ..." would share "Credit").
+# reporting ..." and "Credit card ..." would share "Credit"). These are the labels
+# themselves, not `data.label_words`: the product names hold commas, which
+# data.labels, data.task_groups and train.positive_label cannot spell, and a short
+# word reads better in reports. The ICD-10 chapter words above are labels for the
+# same reason (a chapter number says little in a report).
 CFPB_PRODUCT_LABELS: dict[str, str] = {
     "Credit reporting, credit repair services, or other personal consumer reports": "report",
     "Debt collection": "debt",

@@ -3,6 +3,10 @@
 `fedcl.data` builds records from these rows for the user's files and
 `fedcl.demo_data` for the built-in datasets; both report a bad file through
 `DataError`, whose message names the file, the line and the column.
+
+Files as people have them: UTF-8 with or without a BOM, UTF-16 with a BOM
+(decoded), UTF-16 without one (refused by name: every other byte is NUL), and
+control characters inside values, which `clean_text` removes (the caller counts).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import codecs
 import csv
 import io
 import json
+import re
 from typing import Iterator
 
 
@@ -18,10 +23,45 @@ class DataError(ValueError):
     """A data file, value or split request is wrong; the message names the file, line and column."""
 
 
+# A sample this long tells UTF-16 (a NUL in every other byte for Latin text) from
+# UTF-8 with a stray NUL; the share is well above what binary junk in a text file gives.
+_SNIFF_BYTES = 4096
+_UTF16_NUL_SHARE = 0.3
+
+
+def _utf16_without_bom(data: bytes) -> str | None:
+    """"UTF-16 LE"/"UTF-16 BE" when NULs fill one byte position of each pair, else None."""
+    sample = data[:_SNIFF_BYTES]
+    pairs = len(sample) // 2
+    if pairs < 2:
+        return None
+    even = sample[0:2 * pairs:2].count(0) / pairs  # high bytes first: big-endian
+    odd = sample[1:2 * pairs:2].count(0) / pairs
+    if max(even, odd) < _UTF16_NUL_SHARE or min(even, odd) > 0.1:
+        return None
+    return "UTF-16 LE" if odd > even else "UTF-16 BE"
+
+
 def decode_text(data: bytes, source: str) -> str:
-    """UTF-8 text of `data` (a leading BOM dropped); bad bytes are reported by line."""
+    """Text of `data`: UTF-8 (a leading BOM dropped) or UTF-16 with a BOM; bad bytes reported by line.
+
+    UTF-16 without a BOM cannot be told apart from UTF-8 with NULs by decoding,
+    so it is recognised by its NUL pattern and refused with the likely encoding.
+    """
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]
+    elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return data.decode("utf-16")  # the BOM says which byte order
+        except UnicodeDecodeError as err:
+            raise DataError(f"{source}: starts with a UTF-16 byte-order mark but is not valid UTF-16 "
+                            f"(byte {err.start}: {err.reason}); save the file as UTF-8") from None
+    guess = _utf16_without_bom(data)
+    if guess:
+        code = guess.replace(" ", "")  # iconv's name: UTF-16LE
+        raise DataError(f"{source}: looks like {guess} text without a byte-order mark (every other byte "
+                        f"is NUL), not UTF-8; re-save it as UTF-8 (e.g. iconv -f {code} -t UTF-8 "
+                        f"{source} > fixed.csv)")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -29,8 +69,21 @@ def decode_text(data: bytes, source: str) -> str:
         column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
         raise DataError(
             f"{source}, line {line}, column {column}: not valid UTF-8 (byte 0x{data[err.start]:02x}); "
-            "save the file as UTF-8"
+            "save the file as UTF-8 (a single byte like this is often Windows-1252 or Latin-1: "
+            f"iconv -f WINDOWS-1252 -t UTF-8 {source} > fixed.csv)"
         ) from None
+
+
+# C0 control characters other than tab, newline and carriage return, and DEL: NUL
+# and the like come from binary exports and copy-paste, carry no meaning for the
+# model, and some tokenizers map them to odd tokens.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def clean_text(text: str) -> tuple[str, bool]:
+    """(`text` without control characters, whether any were removed)."""
+    cleaned = _CONTROL.sub("", text)
+    return cleaned, len(cleaned) != len(text)
 
 
 def as_str(value: object) -> str:
@@ -56,7 +109,7 @@ def iter_json_rows(text: str, source: str) -> Iterator[tuple[int, dict]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line, strict=False)  # raw control characters: removed later, counted
         except json.JSONDecodeError as err:
             hint = ""
             if text.lstrip().startswith("["):

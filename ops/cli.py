@@ -1,4 +1,4 @@
-"""The `fedcl` command line: simulate, report, privacy, deploy, tune.
+"""The `fedcl` command line: simulate, plan, report, privacy, deploy, tune.
 
 Every command checks its inputs before it writes anything: a bad config key,
 model name or data file ends the command with a message naming it, exit
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import fedcl  # noqa: F401  (offline defaults)
-from fedcl.config import Config, ConfigError, load_config
+from fedcl.config import Config, ConfigError, explicit_keys, load_config, warn_ineffective
 from fedcl.ops.preflight import UsageError, preflight
 
 # Convenience flags and the config keys they set.
@@ -37,6 +37,12 @@ def add_config_args(p) -> None:
                        help=f"sets {key}")
 
 
+def flag_values(args) -> dict:
+    """The config keys the convenience flags given on the command line set."""
+    return {key: getattr(args, name) for name, (key, _) in FLAGS.items()
+            if getattr(args, name, None) is not None}
+
+
 def add_simulate(sub) -> None:
     p = sub.add_parser("simulate", help="run a federation on Flower's simulation engine",
                        description="Run (or resume) a simulated federation. Settings come from "
@@ -48,10 +54,29 @@ def add_simulate(sub) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last completed round")
 
 
+def add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="print a run's memory and time plan (nothing is loaded)",
+                       description="Estimate the memory (weights, activations, per-sample gradients, "
+                       "optimiser state) and FLOPs of one training step, and the threads per process, "
+                       "for the same settings as `fedcl simulate`; --model also takes a shape name "
+                       "(e.g. deepseek-llm-7b) that is planned without weights. Warns when the "
+                       "device cannot hold it.")
+    add_config_args(p)
+
+
+def cmd_plan(args) -> int:
+    from fedcl.plan import format_plan, plan_run
+
+    flags = flag_values(args)
+    config = load_config(args.config, args.overrides)
+    config = config.replace(flags, source="flags") if flags else config
+    print(format_plan(plan_run(config), config))
+    return 0
+
+
 def resolve_config(args) -> tuple[Config, Path]:
     """The run's config and folder, from a fresh start or from the run being resumed."""
-    flags = {key: getattr(args, name) for name, (key, _) in FLAGS.items()
-             if getattr(args, name, None) is not None}
+    flags = flag_values(args)
     if args.resume:
         run = Path(args.resume)
         if not (run / "config.toml").is_file():
@@ -70,6 +95,7 @@ def resolve_config(args) -> tuple[Config, Path]:
         flags["run.out_dir"] = str(run.resolve())
         return config.replace(flags, source="--resume"), run
     config = load_config(args.config, args.overrides)
+    set_by_user = explicit_keys(args.config, args.overrides) | set(flags)  # before --data adds its own
     if args.data:
         flags.update({"data.path": args.data, "data.dataset": ""})
     if args.state_dir:
@@ -79,6 +105,7 @@ def resolve_config(args) -> tuple[Config, Path]:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"--out {out}: exists and is not an empty folder; "
                          f"use --resume {out} to continue it, or choose another folder")
+    warn_ineffective(config, set_by_user)
     return config.replace({"run.out_dir": str(out.resolve())}, source="--out"), out
 
 
@@ -169,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedcl {fedcl.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_simulate(sub)
+    add_plan(sub)
     rep = sub.add_parser("report", help="draw a run's curves as PNG files")
     rep.add_argument("run_dir", metavar="RUN_DIR")
     priv = sub.add_parser("privacy", help="print the privacy ledgers found under a state folder")
@@ -208,10 +236,10 @@ def cmd_update(args) -> int:
     if bool(args.data_files) == bool(args.deployment):
         raise UsageError("update: give the new data as --data FILE (simulation) or run on the nodes' "
                          "own data with --deployment CONNECTION, one of the two")
-    flags = {key: getattr(args, name) for name, (key, _) in FLAGS.items()
-             if getattr(args, name, None) is not None}
+    flags = flag_values(args)
     config = load_config(args.config, args.overrides)
     config = config.replace(flags, source="flags") if flags else config
+    warn_ineffective(config, explicit_keys(args.config, args.overrides) | set(flags))
     try:
         if args.deployment:
             record = run_deployed_update(config, args.registry, submit=_deployed_runner(args))
@@ -265,7 +293,7 @@ def cmd_tune(args) -> int:
     return run(args)
 
 
-COMMANDS = {"simulate": cmd_simulate, "report": cmd_report, "privacy": cmd_privacy,
+COMMANDS = {"simulate": cmd_simulate, "plan": cmd_plan, "report": cmd_report, "privacy": cmd_privacy,
             "deploy": cmd_deploy, "tune": cmd_tune, "update": cmd_update,
             "versions": cmd_versions}
 
