@@ -64,10 +64,13 @@ class ClientPrivacy:
     def ledger(self) -> PrivacyLedger:
         return PrivacyLedger.load(self.path)
 
-    def check(self) -> Verdict:
-        """May this round's steps be spent without passing the cap?"""
+    def check(self, *, message: str = "") -> Verdict:
+        """May this round's steps be spent without passing the cap? A `message` already
+        charged (re-sent because its first reply never left the node) is allowed."""
         ledger, p = self.ledger(), self.plan
         now = ledger.epsilon(delta=p.delta, accountant=p.accountant)
+        if message and ledger.charged_for(message) is not None:
+            return Verdict(True, now, now)
         after = ledger.epsilon_after(steps=p.steps_per_round, noise_multiplier=p.noise_multiplier,
                                      sample_rate=p.sample_rate, delta=p.delta, accountant=p.accountant)
         # A hair of slack: the calibrated schedule ends at the target up to float rounding.
@@ -76,12 +79,19 @@ class ClientPrivacy:
                            f"would reach {after:.3f} > cap {p.epsilon_cap:.3f}")
         return Verdict(True, now, after)
 
-    def charge(self, *, run: str, server_round: int, steps: int) -> float:
-        """Record the round in the ledger on disk (atomically); return epsilon after it."""
+    def charge(self, *, run: str, server_round: int, steps: int, message: str = "") -> float:
+        """Record the round in the ledger on disk (atomically); return epsilon after it.
+
+        `message` (Flower's message id) is charged once: the same message handled
+        again, because a worker died after charging and before its reply left the
+        node, releases one update in all and adds nothing."""
         ledger, p = self.ledger(), self.plan
+        if message and ledger.charged_for(message) is not None:
+            logger.info("message %s: already charged (re-sent after a lost reply); not charged again", message)
+            return ledger.epsilon(delta=p.delta, accountant=p.accountant)
         eps = ledger.record(run=run, server_round=server_round, steps=steps,
                             noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate,
-                            delta=p.delta, accountant=p.accountant)
+                            delta=p.delta, accountant=p.accountant, message=message)
         ledger.save(self.path)
         if os.environ.get(EXIT_AFTER_CHARGE_ENV):
             os._exit(75)

@@ -24,7 +24,10 @@ A round is charged when its update is about to be released: the entry is
 written (atomically) before the client replies. A round re-run after a crash
 trains again and releases a second update, so it is charged again: a second
 release of data-dependent output does cost privacy. Never charging the same
-(run, round) twice would undercount exactly then.
+(run, round) twice would undercount exactly then. What is charged once is a
+message: an entry records the Flower message id it answered, and the same
+message handled again (its first reply never left the node: the node's
+worker died in between) is not charged again.
 """
 
 from __future__ import annotations
@@ -94,8 +97,9 @@ class PrivacyLedger:
                        accountant=accountant)
 
     def record(self, *, run: str, server_round: int, steps: int, noise_multiplier: float,
-               sample_rate: float, delta: float, accountant: str) -> float:
-        """Charge `steps` DP-SGD steps released in (run, round); return epsilon after."""
+               sample_rate: float, delta: float, accountant: str, message: str = "") -> float:
+        """Charge `steps` DP-SGD steps released in (run, round); return epsilon after.
+        `message`: the Flower message the update answers, kept so it is charged once."""
         problem = check_parameters(steps=steps, noise_multiplier=noise_multiplier,
                                    sample_rate=sample_rate, delta=delta, accountant=accountant)
         if problem:
@@ -106,9 +110,13 @@ class PrivacyLedger:
             "run": run, "round": int(server_round), "steps": int(steps),
             "noise_multiplier": float(noise_multiplier), "sample_rate": float(sample_rate),
             "delta": float(delta), "accountant": accountant, "epsilon": eps,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **({"message": str(message)} if message else {}),
         })
         return eps
+
+    def charged_for(self, message: str) -> dict | None:
+        """The entry that charged Flower message `message`, or None."""
+        return next((e for e in self.entries if message and e.get("message") == message), None)
 
     def _extended(self, steps: int, noise: float, rate: float) -> History:
         # Consecutive steps with the same parameters merge into one triple, as
