@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -27,10 +26,8 @@ import numpy as np
 
 from fedcl import demo_data
 from fedcl.config import DataConfig, split_list
-from fedcl.records import (DataError, as_str, clean_text, decode_text, iter_csv_rows, iter_json_rows,
-                           missing_column)
-
-logger = logging.getLogger("fedcl.data")
+from fedcl.records import (DataError, as_str, clean_text, decode_text, is_missing, iter_csv_rows,
+                           iter_json_rows, missing_column, report_hygiene)
 
 
 @dataclass
@@ -60,25 +57,11 @@ def _required_columns(cfg: DataConfig) -> tuple[tuple[str, str], tuple[str, str]
     return ("prompt", cfg.prompt_column), ("response", cfg.response_column)
 
 
-# Spellings of "no value" that exports write into a label column (R and pandas
-# NA, SQL dumps' \N, spreadsheets' #N/A). A label listed in data.labels or
-# data.label_words is a label, never a marker.
-MISSING_MARKERS = frozenset({"", "\\N", "NA", "N/A", "n/a", "#N/A", "<NA>", "NaN", "nan", "NULL", "null"})
-_SHOWN_LINES = 10  # line numbers listed in a message; the count covers the rest
-
-
 def _is_missing_label(row: dict, cfg: DataConfig) -> bool:
-    value = row.get(cfg.label_column)
-    if value is None:
-        return cfg.label_column in row  # JSON null; an absent column is reported as such
-    if isinstance(value, (dict, list)):
-        return False
-    text = clean_text(as_str(value))[0].strip()
-    return text in MISSING_MARKERS and text not in _declared_labels(cfg)
-
-
-def _declared_labels(cfg: DataConfig) -> set[str]:
-    return set(split_list(cfg.labels)) | set(cfg.label_word_map())
+    if cfg.label_column not in row:
+        return False  # reported as a missing column
+    declared = set(split_list(cfg.labels)) | set(cfg.label_word_map())
+    return is_missing(row[cfg.label_column], declared)
 
 
 def _to_record(row: dict, line: int, source: str, cfg: DataConfig, allowed: list[str] | None) -> tuple[dict, bool]:
@@ -108,29 +91,6 @@ def _to_record(row: dict, line: int, source: str, cfg: DataConfig, allowed: list
     return record, cleaned
 
 
-def _lines(numbers: list[int]) -> str:
-    """"line 4" or "lines 4, 9, ... and 3 more"."""
-    shown = ", ".join(map(str, numbers[:_SHOWN_LINES]))
-    more = f" and {len(numbers) - _SHOWN_LINES} more" if len(numbers) > _SHOWN_LINES else ""
-    return ("line " if len(numbers) == 1 else "lines ") + shown + more
-
-
-def _report_hygiene(source: str, cfg: DataConfig, missing: list[int], cleaned: int) -> None:
-    """Refuse or log the rows without a label, and log how many values lost control characters."""
-    if missing and cfg.missing_labels == "error":
-        count = f"{len(missing)} record has" if len(missing) == 1 else f"{len(missing)} records have"
-        raise DataError(f"{source}: {count} no label (empty or a missing-value "
-                        f"marker such as \\N or NA in column {cfg.label_column!r}), {_lines(missing)}; "
-                        'fill them in, or set data.missing_labels = "skip" to leave them out')
-    if missing:
-        logger.warning("%s: skipped %d records without a label (empty or a missing-value marker such as "
-                       "\\N or NA in column %r), %s; data.missing_labels = \"error\" refuses them instead",
-                       source, len(missing), cfg.label_column, _lines(missing))
-    if cleaned:
-        logger.warning("%s: removed control characters (NUL and other C0 codes besides tab and newline) "
-                       "from %d records", source, cleaned)
-
-
 def _read_records(path: str | Path, cfg: DataConfig, allowed: list[str] | None) -> list[dict]:
     path = Path(path)
     source = str(path)
@@ -154,7 +114,7 @@ def _read_records(path: str | Path, cfg: DataConfig, allowed: list[str] | None) 
         record, changed = _to_record(row, line, source, cfg, allowed)
         records.append(record)
         cleaned += changed
-    _report_hygiene(source, cfg, missing, cleaned)
+    report_hygiene(source, cfg.label_column, missing, cleaned, refuse=cfg.missing_labels == "error")
     if not records:
         why = "every record lacks a label" if missing else "the file is empty or has only a header"
         raise DataError(f"{source}: no records ({why})")

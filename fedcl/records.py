@@ -6,7 +6,8 @@
 
 Files as people have them: UTF-8 with or without a BOM, UTF-16 with a BOM
 (decoded), UTF-16 without one (refused by name: every other byte is NUL), and
-control characters inside values, which `clean_text` removes (the caller counts).
+control characters inside values, which `clean_text` removes, and labels that
+mean "no value" (`is_missing`); `report_hygiene` counts both for the log.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import codecs
 import csv
 import io
 import json
+import logging
 import re
 from typing import Iterator
+
+logger = logging.getLogger("fedcl.data")
 
 
 class DataError(ValueError):
@@ -84,6 +88,46 @@ def clean_text(text: str) -> tuple[str, bool]:
     """(`text` without control characters, whether any were removed)."""
     cleaned = _CONTROL.sub("", text)
     return cleaned, len(cleaned) != len(text)
+
+
+# Spellings of "no value" that exports write into a label column (R and pandas
+# NA, SQL dumps' \N, spreadsheets' #N/A). A label the user declares (data.labels,
+# data.label_words) is a label, never a marker.
+MISSING_MARKERS = frozenset({"", "\\N", "NA", "N/A", "n/a", "#N/A", "<NA>", "NaN", "nan", "NULL", "null"})
+_SHOWN_LINES = 10  # line numbers listed in a message; the count covers the rest
+
+
+def is_missing(value: object, declared: set[str]) -> bool:
+    """Whether a label value means "no value": JSON null or a marker, unless it is in `declared`."""
+    if value is None:
+        return True
+    if isinstance(value, (dict, list)):
+        return False  # reported as not text
+    text = clean_text(as_str(value))[0].strip()
+    return text in MISSING_MARKERS and text not in declared
+
+
+def _lines(numbers: list[int]) -> str:
+    """"line 4" or "lines 4, 9, ... and 3 more"."""
+    shown = ", ".join(map(str, numbers[:_SHOWN_LINES]))
+    more = f" and {len(numbers) - _SHOWN_LINES} more" if len(numbers) > _SHOWN_LINES else ""
+    return ("line " if len(numbers) == 1 else "lines ") + shown + more
+
+
+def report_hygiene(source: str, column: str, missing: list[int], cleaned: int, *, refuse: bool) -> None:
+    """Refuse (`refuse`) or log the lines whose label is missing; log how many records lost control characters."""
+    if missing and refuse:
+        count = f"{len(missing)} record has" if len(missing) == 1 else f"{len(missing)} records have"
+        raise DataError(f"{source}: {count} no label (empty or a missing-value marker such as \\N or NA "
+                        f"in column {column!r}), {_lines(missing)}; fill them in, or set "
+                        'data.missing_labels = "skip" to leave them out')
+    if missing:
+        logger.warning("%s: skipped %d records without a label (empty or a missing-value marker such as "
+                       "\\N or NA in column %r), %s; data.missing_labels = \"error\" refuses them instead",
+                       source, len(missing), column, _lines(missing))
+    if cleaned:
+        logger.warning("%s: removed control characters (NUL and other C0 codes besides tab and newline) "
+                       "from %d records", source, cleaned)
 
 
 def as_str(value: object) -> str:
