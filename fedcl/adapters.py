@@ -1,8 +1,8 @@
 """The adapter: the only part of the model that trains, travels and is saved.
 
-An adapter state is an ordered ``{name: float32 tensor}`` of the trainable
-parameters, with names independent of the PEFT adapter name so that every
-node's state lines up. Saving writes PEFT's own format (loadable with
+An adapter state is an ordered ``{name: float32 CPU tensor}`` of the
+trainable parameters, with names independent of the PEFT adapter name so that
+every node's state lines up, whatever device (model.device) trained it. Saving writes PEFT's own format (loadable with
 ``PeftModel.from_pretrained``) atomically.
 """
 
@@ -21,9 +21,9 @@ class AdapterError(ValueError):
 
 
 def adapter_state(model) -> "OrderedDict[str, torch.Tensor]":
-    """Detached float32 copies of the trainable parameters, in a fixed order."""
+    """Detached float32 copies of the trainable parameters on the CPU, in a fixed order."""
     return OrderedDict(
-        (name, p.detach().to(torch.float32).clone())
+        (name, p.detach().to(device="cpu", dtype=torch.float32, copy=True))
         for name, p in model.named_parameters() if p.requires_grad
     )
 
@@ -54,7 +54,7 @@ def load_adapter_state(model, state: dict[str, torch.Tensor], source: str = "ada
     params = OrderedDict((n, p) for n, p in model.named_parameters() if p.requires_grad)
     check_schema(params, state, source)
     for name, p in params.items():
-        p.copy_(state[name].to(p.dtype))
+        p.copy_(state[name].to(p.dtype))  # copy_ moves it onto the parameter's device
 
 
 def save_adapter(model, state: dict[str, torch.Tensor], target: str | Path) -> Path:

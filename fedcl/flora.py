@@ -111,7 +111,8 @@ def apply_residual(model, residual: dict[str, torch.Tensor]) -> None:
         base = model.get_submodule(module).get_base_layer()
         # A new Parameter, never an in-place write: `models.load_base` shares
         # base weight storage between every model in the process.
-        merged = (pristine[module].double() + b.double() @ a.double()).to(pristine[module].dtype)
+        delta = (b.double() @ a.double()).to(pristine[module].device)  # the residual travels on the CPU
+        merged = (pristine[module].double() + delta).to(pristine[module].dtype)
         base.weight = torch.nn.Parameter(merged, requires_grad=False)
 
 

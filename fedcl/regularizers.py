@@ -22,7 +22,7 @@ def proximal_term(global_state: dict[str, torch.Tensor], *, mu: float) -> Callab
         total = None
         for name, param in model.named_parameters():
             if param.requires_grad and name in anchors:
-                term = (param - anchors[name].to(param.dtype)).pow(2).sum()
+                term = (param - anchors[name].to(param)).pow(2).sum()  # param's dtype and device
                 total = term if total is None else total + term
         if total is None:
             raise ValueError("proximal_term: no trainable parameter matches the global state")
