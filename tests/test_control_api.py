@@ -177,6 +177,7 @@ def test_the_control_proxy_answers_only_an_operator_certificate(coordinator, cre
     elif credential == "stranger-operator-ca":
         other = generate_certs(tmp_path / "other", ["x"], operators=["mallory"])
         ctx.load_cert_chain(other.operator_cert("mallory"), other.operator_key("mallory"))
+    refusals = coordinator["coordinator"].tail(1_000_000).count("fedcl.control_proxy refused")
     with _tunnel_with(ctx, coordinator["control"]) as address:
         client = _client(address, files.ca_cert)
         try:
@@ -189,6 +190,11 @@ def test_the_control_proxy_answers_only_an_operator_certificate(coordinator, cre
                     client.ListRuns(ListRunsRequest())
         finally:
             client.close()
+    if not accepted:  # and the coordinator's log says so
+        from fedcl.ops.deploy.launch import wait_for
+
+        wait_for(lambda: coordinator["coordinator"].tail(1_000_000).count("fedcl.control_proxy refused")
+                 > refusals, timeout=10, what="the proxy's refusal in its log")
 
 
 def test_an_operator_lists_runs_through_the_tunnel_and_the_node_joins_through_the_gateway(coordinator):

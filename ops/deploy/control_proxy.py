@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,15 +129,57 @@ class Forward:
                 *self.upstream, ssl=self.upstream_tls,
                 server_hostname=(self.upstream_hostname or self.upstream[0]) if self.upstream_tls else None)
         except (OSError, ssl.SSLError) as err:
-            log.warning("%s (%s): upstream %s:%s unreachable: %s", peer, who, *self.upstream, err)
+            log.warning("%s (%s): upstream %s:%s unreachable: %r", peer, who, *self.upstream, err)
             writer.close()
             return
         log.info("%s (%s) -> %s:%s", peer, who, *self.upstream)
         await splice((reader, writer), up)
 
-    async def start(self) -> asyncio.AbstractServer:
-        return await asyncio.start_server(self._handle, *self.listen, ssl=self.tls,
-                                          ssl_handshake_timeout=10 if self.tls else None)
+    async def start(self):
+        """A listening server (`serve_forever()`, `close()`)."""
+        if self.tls is None:
+            return await asyncio.start_server(self._handle, *self.listen)
+        return _TLSListener(self, socket.create_server(self.listen))
+
+
+class _TLSListener:
+    """Accepts sockets and runs each TLS handshake itself: asyncio's own TLS server
+    drops a failed handshake silently (debug log only), and a refused client
+    should leave a line in the coordinator's log."""
+
+    def __init__(self, forward: Forward, sock: socket.socket):
+        self.forward, self.sock = forward, sock
+        sock.setblocking(False)
+
+    async def serve_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        tasks: set[asyncio.Task] = set()
+        try:
+            while True:
+                conn, peer = await loop.sock_accept(self.sock)
+                task = asyncio.create_task(self._accept(conn, peer))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            self.sock.close()
+            for task in list(tasks):
+                task.cancel()
+
+    async def _accept(self, conn: socket.socket, peer) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=CHUNK)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, conn, ssl=self.forward.tls, ssl_handshake_timeout=10)
+        except (ssl.SSLError, OSError, asyncio.TimeoutError) as err:
+            log.warning("refused %s: %s", peer, getattr(err, "reason", None) or repr(err))
+            conn.close()
+            return
+        await self.forward._handle(reader, asyncio.StreamWriter(transport, protocol, reader, loop))
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def control_proxy(*, listen: str, superlink: str, cert: Path, key: Path, operator_ca: Path) -> Forward:

@@ -23,7 +23,7 @@ from pathlib import Path
 from fedcl.ops.deploy.certs import DeployFiles
 from fedcl.ops.deploy.control_proxy import ProxyError, control_proxy, parse_address
 
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
+LOOPBACK = ("127.0.0.1", "localhost")  # the names superlink.crt carries (certs.DEFAULT_HOSTS)
 
 
 def check_superlink_address(address: str) -> tuple[str, int]:

@@ -17,6 +17,7 @@ Used by `fedcl deploy coordinator` (`coordinator.py`); see README "Deployment".
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
 
 log = logging.getLogger("fedcl.fleet_gateway")
@@ -27,6 +28,8 @@ FLEET_PREFIX = "/v1/fleet/"
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
                         "transfer-encoding", "upgrade", "proxy-authorization", "proxy-authenticate",
                         "content-length"})
+# The gateway's own server writes these on every answer: the SuperLink's copies would repeat them.
+OWN_HEADERS = frozenset({"server", "date"})
 REFUSED = (b"fedcl fleet gateway: only the Fleet API (POST /v1/fleet/...) is served here; "
            b"the Control API listens on the coordinator's loopback (see README 'Deployment')\n")
 
@@ -51,7 +54,8 @@ class FleetGateway:
         import httpx
 
         if self._client is None:
-            self._client = httpx.AsyncClient(verify=self.ca_cert, timeout=self.timeout,
+            verify = ssl.create_default_context(cafile=self.ca_cert)
+            self._client = httpx.AsyncClient(verify=verify, timeout=self.timeout,
                                              limits=httpx.Limits(max_keepalive_connections=32))
         return self._client
 
@@ -88,7 +92,8 @@ class FleetGateway:
             await _respond(send, 502, b"fedcl fleet gateway: the SuperLink is not reachable\n")
             return
         try:
-            out = [(k, v) for k, v in response.headers.raw if k.decode("latin-1").lower() not in HOP_BY_HOP]
+            out = [(k, v) for k, v in response.headers.raw
+                   if k.decode("latin-1").lower() not in HOP_BY_HOP | OWN_HEADERS]
             await send({"type": "http.response.start", "status": response.status_code, "headers": out})
             async for chunk in response.aiter_raw():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
