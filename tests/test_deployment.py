@@ -1,6 +1,7 @@
 """The real deployment path: a SuperLink and three SuperNodes as separate processes
 on 127.0.0.1, with TLS and node authentication, plus the in-process check that
-only adapter arrays and numbers leave a client.
+only adapter arrays and numbers leave a client. The SuperLink runs as
+`fedcl deploy coordinator` does it: on loopback, the nodes through the Fleet gateway.
 
 The end-to-end test runs one federation of two rounds and, along the way,
 kills a SuperNode in round 1 (the run goes on without it), stops the SuperLink
@@ -84,19 +85,21 @@ class Deployment:
         self.home = root / "flwr-home"
         self.files = generate_certs(root / "keys", [*INSTITUTIONS, "unregistered"])
         self.port = launch.free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"127.0.0.1:{self.port}"  # the SuperLink on loopback: flwr on this host
+        self.fleet = f"127.0.0.1:{launch.free_port()}"  # the nodes' door: the Fleet API only
         self.started: list = []
         self.link = None
         self.nodes: dict[str, object] = {}
 
     def start_link(self, log_name: str = "superlink.log"):
-        self.link = self.L.start_superlink(self.files, port=self.port, database=self.root / "superlink.db",
-                                           log=self.root / "logs" / log_name, flwr_home=self.home)
+        self.link = self.L.start_coordinator(self.files, database=self.root / "superlink.db",
+                                             log=self.root / "logs" / log_name, superlink=self.address,
+                                             fleet=self.fleet, control=None, flwr_home=self.home)
         self.started.append(self.link)
         return self.link
 
     def start_node(self, name: str, partition_id: int, data_file: Path, **kw):
-        node = self.L.start_supernode(self.files, name, superlink=self.address,
+        node = self.L.start_supernode(self.files, name, superlink=self.fleet,
                                       runtime_port=self.L.free_port(), data_file=data_file,
                                       state_dir=self.root / "state" / name, partition_id=partition_id,
                                       log=self.root / "logs" / f"{name}.log", flwr_home=self.home, **kw)
@@ -149,7 +152,7 @@ def test_tls_auth_deployment_survives_a_dead_node_and_a_superlink_restart(deploy
     stranger_ca = generate_certs(tmp_path / "other-ca", ["x"]).ca_cert
     rogue = dep.start_node("unregistered", 0, data["hospital-a"])
     wrong_ca = dep.L.launch("wrong-ca", L.supernode_command(
-        dep.files, "hospital-a", superlink=dep.address, runtime_port=L.free_port(),
+        dep.files, "hospital-a", superlink=dep.fleet, runtime_port=L.free_port(),
         data_file=data["hospital-a"], state_dir=tmp_path / "state" / "wrong-ca", partition_id=0,
         root_certificates=stranger_ca) + ["--max-retries", "2"], log=tmp_path / "logs" / "wrong-ca.log",
         flwr_home=dep.home)
@@ -317,9 +320,11 @@ def test_compose_runs_the_commands_the_native_test_runs():
     def flags(command: list[str]) -> list[str]:
         return sorted(arg.split("=", 1)[0] for arg in command if arg.startswith("--"))
 
-    native_link = launch.superlink_command(DeployFiles(Path("/keys")), host="0.0.0.0", port=9093,
-                                           database=Path("/state/superlink.db"))
-    assert flags(services["superlink"]["command"]) == flags(native_link)
+    native_link = launch.coordinator_command(DeployFiles(Path("/keys")), database=Path("/state/superlink.db"),
+                                             superlink="127.0.0.1:9091", fleet="0.0.0.0:9093",
+                                             control="0.0.0.0:9092")
+    link = services["superlink"]
+    assert link["entrypoint"] + link["command"] == native_link  # the SuperLink itself on loopback only
     for i, name in enumerate(INSTITUTIONS):
         native = launch.supernode_command(DeployFiles(Path("/keys")), name, superlink="superlink:9093",
                                           runtime_port=9094, data_file=Path(f"/data/{name}.jsonl"),
