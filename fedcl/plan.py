@@ -1,0 +1,381 @@
+"""A run's memory and time plan, from its config alone: `fedcl plan` and the pre-flight.
+
+    plan = plan_run(config)            # nothing is loaded: shapes come from configs
+    print(format_plan(plan))           # the figures, and warnings when it will not fit
+
+The model's shape comes from `fedcl.shapes` (published configs such as
+DeepSeek's, counted analytically), from a built-in tiny model's config, or
+from a local folder's config.json; weights are never read. Every figure is
+a formula of the shape and the config (README, "Memory and time plan"):
+
+- weights: all base parameters x the base dtype's bytes (float32 on the CPU),
+  plus the LoRA factors in float32;
+- gradients and optimiser: the LoRA factors' float32 gradient, and AdamW's
+  two float32 moments of them;
+- activations: what autograd keeps for the backward pass, per token and
+  trained layer (`activation_elements`), x tokens per pass x 4 bytes, over the
+  trained layers only: with `lora.top_layers = k` the frozen layers below
+  run without gradients (or not at all, from the frozen cache) and keep
+  nothing; `model.gradient_checkpointing` keeps one hidden state per layer
+  and one layer's full set;
+- per-sample gradients (DP-SGD): rows per pass x LoRA parameters x 4 bytes,
+  rows being `train.micro_batch_size` when set, else the batch;
+- FLOPs per step: 2 x active layer parameters x tokens for the forward pass
+  plus attention's 2 x T x (query-key + value widths) per token, and as much
+  again backward (input gradients through frozen weights), plus 4 x LoRA
+  parameters x tokens for the LoRA weight gradients.
+
+The thread choice (`thread_plan`) lives here too, since `fedcl plan` shows it
+and every process takes its count from it (`fedcl.session.configure_threads`).
+Plain PyTorch/transformers; no flwr import.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedcl import models, shapes
+from fedcl.config import Config, split_list
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_LORA_BYTES = 4  # LoRA factors, their gradients and AdamW's moments stay float32
+
+
+# -- threads -----------------------------------------------------------------
+@dataclass(frozen=True)
+class ThreadPlan:
+    """Torch threads per process of one run, so that its processes share the cores."""
+
+    cores: int
+    concurrent: int  # client processes training at once (the engine's CPU slots, at most the sampled)
+    client: int
+    server: int
+    set_by_user: bool
+
+    @property
+    def total(self) -> int:
+        return self.concurrent * self.client + self.server
+
+    def describe(self) -> str:
+        how = "set" if self.set_by_user else "auto"
+        over = f"; {self.total} threads on {self.cores} cores: oversubscribed" if self.total > max(
+            self.cores, self.concurrent + 1) else ""
+        return (f"threads ({how}): {self.concurrent} client process(es) x {self.client} + server "
+                f"{self.server} on {self.cores} cores{over}")
+
+
+def thread_plan(config: Config, cores: int | None = None) -> ThreadPlan:
+    """Threads per client and for the server: together at most the cores.
+
+    The engine runs up to cores // federation.client_cpus clients at once (at
+    most the sampled ones), and the server may evaluate while they train, so
+    the server counts as one more process. A client gets at most its
+    client_cpus and at most cores // (clients at once + 1); the server gets
+    what the clients leave; every process at least 1. Under contention more
+    threads than cores collapse (a two-thread step ran 13x slower than a
+    one-thread step next to one busy process). `model.threads` and
+    `federation.server_threads` replace the automatic counts.
+    """
+    cores = max(1, cores or os.cpu_count() or 1)
+    fed = config.federation
+    client_cpus = min(fed.client_cpus, cores)
+    concurrent = max(1, min(fed.sampled, cores // client_cpus))
+    client = config.model.threads or max(1, min(client_cpus, cores // (concurrent + 1)))
+    server_set = getattr(fed, "server_threads", 0)
+    server = server_set or max(1, cores - concurrent * client)
+    return ThreadPlan(cores, concurrent, client, server, bool(config.model.threads or server_set))
+
+
+# -- the model's shape -------------------------------------------------------
+def model_shape(config: Config):
+    """The transformers config of `model.name` (cut to `model.layers`), from no weights, and its label."""
+    name = config.model.name
+    if name in shapes.SHAPES:
+        shape_cfg, label = shapes.shape_config(name), shapes.SHAPES[name].description
+    elif name in models.BUILTIN_MODELS and name.startswith("tiny-"):
+        shape_cfg, label = models.tiny_config(name), models.BUILTIN_MODELS[name]
+    else:
+        shape_cfg, label = _folder_config(name), name
+    if config.model.layers:
+        if config.model.layers > shape_cfg.num_hidden_layers:
+            raise models.ModelError(f"model.layers: got {config.model.layers}, this model has "
+                                    f"{shape_cfg.num_hidden_layers} layers (0 keeps all)")
+        shape_cfg = copy.deepcopy(shape_cfg)
+        shape_cfg.num_hidden_layers = config.model.layers
+    return shape_cfg, label
+
+
+def _folder_config(name: str):
+    from transformers import AutoConfig
+
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        from fedcl import gguf_cache
+
+        folder = gguf_cache.converted_folder(path)
+        if not gguf_cache.is_converted(folder):
+            raise shapes.ShapeError(f"model.name: {name!r} is a GGUF file not converted yet; its shape is "
+                                    "read from the conversion, which the first run makes")
+        path = folder
+    if not (path / "config.json").is_file():
+        raise shapes.ShapeError(
+            f"model.name: got {name!r}; the plan knows the shapes {', '.join(shapes.SHAPES)}, the built-in "
+            f"models {', '.join(models.BUILTIN_MODELS)}, or a local folder with a config.json")
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def lora_modules(shape_cfg, target_modules: str, index: int) -> list[shapes.Linear]:
+    """Layer `index`'s Linear modules LoRA wraps for `lora.target_modules` (as `models.lora_targets`)."""
+    linears = [lin for lin in shapes.layer_linears(shape_cfg, index) if lin.wrappable]
+    if target_modules == "auto":
+        wanted = models.LORA_TARGETS.get(shape_cfg.model_type, [])
+    else:
+        wanted = split_list(target_modules)
+    return [lin for lin in linears if any(lin.name == t or lin.name.endswith("." + t) for t in wanted)]
+
+
+# -- activations ---------------------------------------------------------------
+# The tensor each LoRA module's lora_A keeps (its input), by module name: modules
+# fed by the same tensor share it.
+_LORA_INPUT = {"q_proj": "attention norm", "k_proj": "attention norm", "v_proj": "attention norm",
+               "q_a_proj": "attention norm", "kv_a_proj_with_mqa": "attention norm",
+               "q_b_proj": "query latent", "kv_b_proj": "kv latent", "o_proj": "attention output",
+               "gate_proj": "mlp norm", "up_proj": "mlp norm", "down_proj": "mlp product",
+               "shared_experts.gate_proj": "mlp norm", "shared_experts.up_proj": "mlp norm",
+               "shared_experts.down_proj": "shared product"}
+
+
+def activation_elements(shape_cfg, index: int, seq_len: int, lora: list[shapes.Linear], r: int) -> int:
+    """Elements autograd keeps per token in trained decoder layer `index` (float32 each).
+
+    The RMS norms keep one hidden state (measured: the layer's input is no
+    extra copy), each distinct input of a
+    LoRA module is kept once (the norms' outputs, the attention's output, a
+    latent), and its rank-r intermediate; attention keeps the query, key and
+    value it gives SDPA, SDPA's output and log-sum-exp (MLA: also its latent
+    and up-projected key/value); the MLP keeps gate, its activation and
+    up (3 x intermediate), a mixture of experts that per routed copy plus the
+    copy's output (which the routing weight multiplies), and its router's scores.
+    """
+    h, heads = shape_cfg.hidden_size, shape_cfg.num_attention_heads
+    linears = {lin.name: lin for lin in shapes.layer_linears(shape_cfg, index)}
+    if shape_cfg.model_type in ("llama", "qwen2"):
+        dim = getattr(shape_cfg, "head_dim", None) or h // heads
+        out = heads * dim
+        attention = 2 * out + 2 * shape_cfg.num_key_value_heads * dim  # q, out; k, v not repeated
+    else:
+        out = heads * shape_cfg.v_head_dim
+        qk = heads * (shape_cfg.qk_nope_head_dim + shape_cfg.qk_rope_head_dim)
+        attention = (2 * qk + out + linears["kv_a_proj_with_mqa"].out_features
+                     + linears["kv_b_proj"].out_features + (shape_cfg.q_lora_rank or 0))
+    attention += heads  # SDPA's log-sum-exp: its CPU kernel keeps no T x T matrix
+    widths = {"attention norm": h, "mlp norm": h, "attention output": out,
+              "query latent": getattr(shape_cfg, "q_lora_rank", None) or 0,
+              "kv latent": getattr(shape_cfg, "kv_lora_rank", 0)}
+    if "gate_proj" in linears:
+        mlp = 3 * linears["gate_proj"].out_features
+        widths["mlp product"] = linears["gate_proj"].out_features
+    else:
+        experts, shared = linears["experts.down_proj"], linears["shared_experts.gate_proj"].out_features
+        mlp = experts.active * (3 * experts.in_features + h) + 3 * shared + 2 * linears["gate"].out_features
+        widths["shared product"] = shared
+    kept_inputs = sum(widths[name] for name in {_LORA_INPUT.get(lin.name, "") for lin in lora} if name)
+    return h + kept_inputs + attention + mlp + r * len(lora)
+
+
+# -- the plan ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    description: str
+    model_type: str
+    layers: int
+    trained_layers: int
+    params: int
+    active_params: int
+    trainable: int
+    tokens_per_pass: int
+    dp: bool
+    memory: dict[str, int]  # bytes one training client process holds, by part
+    server_bytes: int  # the server's process: weights and adapter (evaluation keeps no activations)
+    flops_per_step: float
+    device: str
+    available: int | None  # bytes free on the device, None when unknown
+    threads: ThreadPlan
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def client_bytes(self) -> int:
+        return sum(self.memory.values())
+
+    @property
+    def needed(self) -> int:
+        """Bytes on the device for the clients that train at once and the server."""
+        return self.threads.concurrent * self.client_bytes + self.server_bytes
+
+
+def _device(config: Config) -> str:
+    spec = getattr(config.model, "device", "cpu")
+    if spec == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return spec
+
+
+def device_memory(device: str) -> int | None:
+    """Bytes free on `device` now: MemAvailable for the CPU, torch's free memory for CUDA."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        index = int(device.partition(":")[2] or torch.cuda.current_device())
+        return int(torch.cuda.mem_get_info(index)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def plan_run(config: Config, *, available: int | None = None, cores: int | None = None) -> Plan:
+    """The memory and FLOPs of one training step of `config` and the thread choice (see module docstring).
+
+    `available` replaces the device's free memory (tests, what-if questions).
+    """
+    shape_cfg, label = model_shape(config)
+    count = shapes.count_params(shape_cfg)
+    layers = shape_cfg.num_hidden_layers
+    top = config.lora.top_layers
+    if top > layers:
+        raise models.ModelError(f"lora.top_layers: got {top}, this model has {layers} layers "
+                                f"(after model.layers); expected 0 (all) or 1..{layers}")
+    trained = list(range(layers - top, layers)) if top else list(range(layers))
+    r = config.lora.r
+    lora = {i: lora_modules(shape_cfg, config.lora.target_modules, i) for i in trained}
+    if not any(lora.values()):
+        raise models.ModelError(f"lora.target_modules: {config.lora.target_modules!r} matches no Linear "
+                                f"module of a {shape_cfg.model_type} layer; available: "
+                                + ", ".join(lin.name for lin in shapes.layer_linears(shape_cfg, layers - 1)))
+    trainable = sum(lin.count * r * (lin.in_features + lin.out_features) for mods in lora.values() for lin in mods)
+    dp = config.privacy.enabled and config.privacy.mode == "sample"
+    rows = config.train.batch_size
+    if dp and config.train.micro_batch_size:
+        rows = min(rows, config.train.micro_batch_size)
+    seq = config.model.max_length
+    tokens = rows * seq
+    device = _device(config)
+    base_dtype = config.model.compute_dtype if device.startswith("cuda") else "float32"
+    per_token = [activation_elements(shape_cfg, i, seq, lora[i], r) for i in trained]
+    if getattr(config.model, "gradient_checkpointing", False):
+        kept = len(trained) * shape_cfg.hidden_size + max(per_token)
+    else:
+        kept = sum(per_token)
+    head = 0
+    if config.data.task == "instruction":  # full-vocabulary logits, their float copy and log-softmax
+        head = 3 * tokens * shape_cfg.vocab_size * 4
+    weights = count.total * BYTES[base_dtype]
+    memory = {
+        "weights": weights,
+        "adapter": trainable * _LORA_BYTES,
+        "gradients": trainable * _LORA_BYTES,
+        "optimizer": 2 * trainable * _LORA_BYTES,
+        "activations": kept * tokens * 4 + head,
+        # DP-SGD: one gradient per row, and the clipped sum the noise is added to
+        "per_sample": (rows + 1) * trainable * _LORA_BYTES if dp else 0,
+    }
+    flops = _flops(shape_cfg, count, trained, seq, tokens, trainable, config)
+    threads = thread_plan(config, cores)
+    free = device_memory(device) if available is None else available
+    plan = Plan(config.model.name, label, shape_cfg.model_type, layers, len(trained), count.total,
+                count.active, trainable, tokens, dp, memory, weights + trainable * _LORA_BYTES, flops,
+                device, free, threads)
+    return _with_warnings(plan, config)
+
+
+def _flops(shape_cfg, count, trained: list[int], seq: int, tokens: int, trainable: int, config: Config) -> float:
+    h, heads = shape_cfg.hidden_size, shape_cfg.num_attention_heads
+    if shape_cfg.model_type in ("llama", "qwen2"):
+        width = 2 * heads * (getattr(shape_cfg, "head_dim", None) or h // heads)
+    else:
+        width = heads * (shape_cfg.qk_nope_head_dim + shape_cfg.qk_rope_head_dim + shape_cfg.v_head_dim)
+    per_token = sum(2 * count.layers_active[i] + 2 * seq * width for i in trained)
+    passes = 3 if getattr(config.model, "gradient_checkpointing", False) else 2  # forward, backward(, again)
+    flops = passes * per_token * tokens + 6 * trainable * tokens
+    if config.data.task == "instruction":
+        flops += 4 * h * shape_cfg.vocab_size * tokens
+    return float(flops)
+
+
+def _with_warnings(plan: Plan, config: Config) -> Plan:
+    warnings = []
+    if plan.available is not None and plan.needed > plan.available:
+        warnings.append(
+            f"{plan.device} cannot hold this run: it needs {_size(plan.needed)} ({plan.threads.concurrent} "
+            f"client(s) at once x {_size(plan.client_bytes)} + server {_size(plan.server_bytes)}), "
+            f"{_size(plan.available)} is free; lower train.batch_size or model.max_length, set "
+            "lora.top_layers, train.micro_batch_size (DP) or model.gradient_checkpointing, or run fewer "
+            "clients at once (federation.client_cpus)")
+    elif plan.available is None:
+        warnings.append(f"free memory of {plan.device} unknown: not checked")
+    if plan.threads.total > max(plan.threads.cores, plan.threads.concurrent + 1):
+        warnings.append(f"{plan.threads.total} torch threads on {plan.threads.cores} cores: "
+                        "model.threads / federation.server_threads oversubscribe the machine")
+    return Plan(**{**plan.__dict__, "warnings": tuple(warnings)})
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_plan(plan: Plan, config: Config) -> str:
+    """The plan as the lines `fedcl plan` prints."""
+    active = f" ({_count(plan.active_params)} active per token)" if plan.active_params != plan.params else ""
+    trained = f"top {plan.trained_layers} of {plan.layers}" if plan.trained_layers < plan.layers \
+        else f"all {plan.layers}"
+    lines = [
+        f"model       {plan.model}: {plan.description} [{plan.model_type}]",
+        f"parameters  {_count(plan.params)}{active}; LoRA r={config.lora.r} on "
+        f"{config.lora.target_modules} in {trained} layers: {_count(plan.trainable)} trainable",
+        f"step        {config.train.batch_size} x {config.model.max_length} tokens"
+        + (f", passes of {plan.tokens_per_pass // config.model.max_length} rows" if plan.dp else "")
+        + f", DP {'on' if plan.dp else 'off'}, {plan.device}",
+    ]
+    lines += [f"  {part:<12}{_size(size):>12}" for part, size in plan.memory.items()]
+    lines += [f"  {'= client':<12}{_size(plan.client_bytes):>12}  per training process",
+              f"  {'server':<12}{_size(plan.server_bytes):>12}",
+              f"  {'device':<12}{_size(plan.needed):>12}  needed ({plan.threads.concurrent} client(s) at once "
+              f"+ server); free: {_size(plan.available) if plan.available is not None else 'unknown'}",
+              f"flops/step  {_count(plan.flops_per_step)}FLOP",
+              plan.threads.describe()]
+    lines += [f"warning: {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def summary_line(plan: Plan) -> str:
+    """The plan in one line, for a run's pre-flight (`fedcl plan` prints the whole of it)."""
+    return (f"plan: {plan.model} | client {_size(plan.client_bytes)} (activations "
+            f"{_size(plan.memory['activations'])}, per-sample {_size(plan.memory['per_sample'])}) | "
+            f"{plan.device} needs {_size(plan.needed)}, free "
+            f"{_size(plan.available) if plan.available is not None else 'unknown'} | "
+            f"{_count(plan.flops_per_step)}FLOP/step | {plan.threads.describe()}")
