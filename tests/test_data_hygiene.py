@@ -147,6 +147,11 @@ def test_missing_labels_error_names_the_lines(tmp_path):
         load_records(path, DataConfig(dataset="", path="x", missing_labels="error"))
 
 
+def test_missing_labels_setting_is_a_closed_choice():
+    with pytest.raises(ConfigError, match=r"data.missing_labels: got 'drop', expected one of skip, error$"):
+        load_config(None, ["data.missing_labels=drop"])
+
+
 def test_a_marker_listed_in_data_labels_is_a_label(tmp_path):
     path = write(tmp_path / "regions.csv", "text,label\nparis,EU\nboston,NA\nlyon,EU\n")
     cfg = DataConfig(dataset="", path="x", labels="EU, NA")
