@@ -23,11 +23,10 @@ from pathlib import Path
 log = logging.getLogger("fedcl.fleet_gateway")
 
 FLEET_PREFIX = "/v1/fleet/"
-# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection, not the request;
-# content-length is recomputed by the client that sends the body upstream.
+# Hop-by-hop headers (RFC 9110 7.6.1) belong to one connection, not the request.
+# Bodies pass through byte for byte, so content-length stays true and is kept.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
-                        "transfer-encoding", "upgrade", "proxy-authorization", "proxy-authenticate",
-                        "content-length"})
+                        "transfer-encoding", "upgrade", "proxy-authorization", "proxy-authenticate"})
 # The gateway's own server writes these on every answer: the SuperLink's copies would repeat them.
 OWN_HEADERS = frozenset({"server", "date"})
 REFUSED = (b"fedcl fleet gateway: only the Fleet API (POST /v1/fleet/...) is served here; "
@@ -76,15 +75,18 @@ class FleetGateway:
     async def _forward(self, scope, receive, send, path: str) -> None:
         import httpx
 
-        body = bytearray()
-        while True:
-            message = await receive()
-            body.extend(message.get("body", b""))
-            if not message.get("more_body"):
-                break
+        async def body():  # streamed on as it arrives: a FAB or an adapter is never held whole
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                yield message.get("body", b"")
+                if not message.get("more_body"):
+                    return
+
         headers = [(k, v) for k, v in scope["headers"] if k.decode("latin-1").lower() not in HOP_BY_HOP]
         client = self._http()
-        request = client.build_request("POST", self.upstream + path, headers=headers, content=bytes(body))
+        request = client.build_request("POST", self.upstream + path, headers=headers, content=body())
         try:
             response = await client.send(request, stream=True)
         except httpx.HTTPError as err:
