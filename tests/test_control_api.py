@@ -228,11 +228,13 @@ def test_the_fleet_gateway_forwards_fleet_calls_only(method, path, forwarded):
 
 @pytest.mark.parametrize("case, message", [
     ("superlink on every interface", "loopback only"), ("tunnel on every interface", "loopback only"),
-    ("proxy without the operator CA", "no such file"), ("address without a host", "HOST:PORT")])
+    ("proxy without the operator CA", "no such file"), ("address without a host", "HOST:PORT"),
+    ("coordinator without its keys", "no ca.crt")])
 def test_unsafe_or_broken_front_settings_are_refused(tmp_path, case, message):
     from fedcl.ops.deploy.certs import generate_certs
     from fedcl.ops.deploy.control_proxy import ProxyError, control_proxy, control_tunnel, parse_address
-    from fedcl.ops.deploy.coordinator import check_superlink_address
+    from fedcl.ops.deploy.certs import DeployFiles
+    from fedcl.ops.deploy.coordinator import check_superlink_address, run_coordinator
 
     f = generate_certs(tmp_path / "k", ["a"])
     cases = {
@@ -244,9 +246,13 @@ def test_unsafe_or_broken_front_settings_are_refused(tmp_path, case, message):
             listen="0.0.0.0:9092", superlink="127.0.0.1:9091", cert=f.server_cert, key=f.server_key,
             operator_ca=f.root / "missing.crt"),
         "address without a host": lambda: parse_address("9092", what="--control"),
+        "coordinator without its keys": lambda: run_coordinator(
+            DeployFiles(tmp_path / "none"), superlink="127.0.0.1:9091", fleet="0.0.0.0:9093",
+            control=None, database=tmp_path / "db"),
     }
     with pytest.raises(ProxyError, match=message):
         cases[case]()
+    assert not (tmp_path / "db").exists()  # refused before anything started
 
 
 def test_operator_certificates_come_from_their_own_ca(tmp_path, capsys):

@@ -98,6 +98,10 @@ def run_coordinator(files: DeployFiles, *, superlink: str, fleet: str, control: 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per forwarded Fleet call
     check_superlink_address(superlink)
     parse_address(fleet, what="--fleet")
+    for path in (files.ca_cert, files.server_cert, files.server_key):
+        if not path.is_file():
+            raise ProxyError(f"--keys {files.root}: no {path.name} there; make the folder with "
+                             "`fedcl deploy certs --out DIR ...`")
     if control is not None:
         parse_address(control, what="--control")
         if not files.operator_ca_cert.is_file():
