@@ -1,8 +1,12 @@
-"""Deployment benchmark (issue 6): round time of a real deployment against the same
-rounds on the simulation engine, and the coordinator's resident memory with 3
-and with 12 SuperNodes.
+"""Deployment benchmark (issues 6 and 17): round time of a real deployment against the
+same rounds on the simulation engine, with a fresh ClientApp process per message and
+with each node's model kept loaded (`fedcl.client.worker`), the replies counted with
+12 SuperNodes, and the coordinator's and nodes' resident memory.
 
-    .venv/bin/python -m bench.deployment [--rounds 3] [--large-rounds 1]
+    OMP_NUM_THREADS=1 .venv/bin/python -m bench.deployment [--rounds 3] [--large-rounds 3]
+
+It ends with one line, measured in that run:
+`steady round deployed/simulated: R.RRx (kept model); 12 nodes: A of B replies counted`.
 
 One run, side by side on the tiny model, from the same data files and config:
 
@@ -10,8 +14,10 @@ One run, side by side on the tiny model, from the same data files and config:
 - deployment: a `flower-superlink` and 3 `flower-supernode` processes on 127.0.0.1
   with TLS and node authentication, started as `ops/deploy/launch.py` starts
   them and the run submitted with `flwr run`;
-- the same deployment with 12 SuperNodes, for memory (and its round time): one
-  round by default, counted with whatever replies arrive within its timeout.
+- the same deployment with each node's worker keeping its model loaded;
+- 12 SuperNodes with workers, 3 rounds by default, every round waiting for all 12
+  replies (up to its timeout), counting what arrived: the 12-node check of
+  issue 17 (too slow for the test suite).
 
 Round times come from each run's metrics.json (`round_seconds`: from sending
 the round's train messages to the end of the server's evaluation); round 1
@@ -53,6 +59,7 @@ COMPARE_TIMEOUT = 300
 LARGE_TIMEOUT = 240
 # Flower's process names, as the second word of their command lines (Python entry points).
 ROLES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
+WORKER_MODULE, WORKER_ROLE = "fedcl.client.worker", "node-worker"
 
 
 def write_data(folder: Path, nodes: int) -> dict[str, Path]:
@@ -110,6 +117,10 @@ def checkpoint_round(run_dir: Path) -> int:
 
 
 def role_of(cmdline: list[str]) -> str:
+    if WORKER_MODULE in cmdline[:3]:  # python -m fedcl.client.worker (supervisor and serving process)
+        return WORKER_ROLE
+    if "fedcl.ops.deploy.supernode" in cmdline[:3]:  # flower-supernode through fedcl's launcher
+        return "flower-supernode"
     for word in cmdline[:2]:
         name = os.path.basename(word)
         if name in ROLES:
@@ -131,10 +142,13 @@ class RssSampler(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.is_set():
             table = launch.process_table()
-            sample = {"round": checkpoint_round(self.run_dir) if self.submitted else -1, "trees": {}}
+            sample = {"round": checkpoint_round(self.run_dir) if self.submitted else -1, "trees": {},
+                      "load": os.getloadavg()[0]}
             for name, root in self.roots.items():
                 by_role: dict[str, list[float]] = {}
                 tree = {root.pid} | launch.process_tree(root.pid, table)
+                for companion in root.companions:  # a node's worker, started beside its SuperNode
+                    tree |= {companion.pid} | launch.process_tree(companion.pid, table)
                 # A ServerApp outlives a crashed SuperExec (re-parented, its --parent-pid gone):
                 # keep the long-lived processes seen once, in the sample and for root.stop().
                 tree |= {pid for pid in root.known if pid in table}
@@ -179,7 +193,14 @@ def memory_summary(samples: list[dict], rounds: int, nodes: list[str]) -> dict:
     node_exec = [sum(s["trees"][n].get("flower-superexec", [])) for s in run for n in nodes]
     clientapps = [x for s in run for n in nodes for x in s["trees"][n].get("flwr-clientapp", [])]
     all_nodes = [sum(sum(v) for t in (s["trees"][n] for n in nodes) for v in t.values()) for s in run]
-    return {"coordinator": coordinator, "samples": len(samples),
+    workers = [sum(s["trees"][n].get(WORKER_ROLE, [])) for s in run for n in nodes]
+    # How many ClientApp processes lived at once (each imports what its message needs), and
+    # the machine's load meanwhile: what a node's reply competes with for the CPU.
+    alive = [sum(len(s["trees"][n].get("flwr-clientapp", [])) for n in nodes) for s in run]
+    loads = [s.get("load", 0.0) for s in run]
+    return {"coordinator": coordinator, "samples": len(samples), "node_worker": _stats([w for w in workers if w]),
+            "clientapps_alive_peak": max(alive, default=0), "load_peak": max(loads, default=0.0),
+            "load_median": statistics.median(loads) if loads else 0.0,
             "supernode": _stats(per_node), "supernode_superexec": _stats(node_exec),
             "clientapp": _stats(clientapps), "all_nodes_total": _stats(all_nodes)}
 
@@ -226,9 +247,10 @@ def metrics_clients(metrics: dict) -> int:
 
 
 def deploy(work: Path, keys, data_files: dict[str, Path], app: Path, nodes: int, rounds: int, *,
-           compare: bool, keep_logs: Path | None = None) -> dict:
-    """A fresh SuperLink (own database) and `nodes` SuperNodes; one run of `rounds` rounds."""
-    root = work / f"deploy-{nodes}"
+           compare: bool, kept: bool, keep_logs: Path | None = None) -> dict:
+    """A fresh SuperLink (own database) and `nodes` SuperNodes; one run of `rounds` rounds.
+    `kept`: each SuperNode with its worker (`fedcl.client.worker`), model kept loaded."""
+    root = work / f"deploy-{nodes}-{'kept' if kept else 'fresh'}"
     home, run_dir = root / "flwr-home", root / "run"
     names = [f"hospital-{i:02d}" for i in range(nodes)]
     config = write_config(root.parent / f"deploy-{nodes}.toml", data_files, nodes,
@@ -248,7 +270,7 @@ def deploy(work: Path, keys, data_files: dict[str, Path], app: Path, nodes: int,
             node_procs[name] = launch.start_supernode(
                 keys, name, superlink=address, runtime_port=launch.free_port(), data_file=data_files[name],
                 state_dir=root / "state" / name, partition_id=i, log=root / "logs" / f"{name}.log",
-                flwr_home=home)
+                flwr_home=home, worker=kept)
             started.append(node_procs[name])
         launch.wait_for(lambda: launch.online_nodes(CONNECTION, home) == nodes, timeout=60 + 10 * nodes,
                         what=f"{nodes} SuperNodes online", process=link, interval=2)
@@ -270,15 +292,20 @@ def deploy(work: Path, keys, data_files: dict[str, Path], app: Path, nodes: int,
         if keep_logs is not None:  # the work folder is temporary
             shutil.copytree(root / "logs", keep_logs / root.name, dirs_exist_ok=True)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {"supernodes": nodes, "wall_seconds": wall, **round_summary(metrics),
+    return {"supernodes": nodes, "kept_model": kept, "wall_seconds": wall, **round_summary(metrics),
             "memory": memory_summary(sampler.samples, rounds, names), "errors": log_errors(root / "logs")}
 
 
 def log_errors(logs: Path) -> dict:
     """What went wrong on the way, as the processes logged it."""
     link = (logs / "superlink.log").read_text(encoding="utf-8", errors="replace")
-    nodes = [p.read_text(encoding="utf-8", errors="replace") for p in logs.glob("hospital-*.log")]
+    nodes = [p.read_text(encoding="utf-8", errors="replace") for p in logs.glob("hospital-*.log")
+             if not p.name.endswith("-worker.log")]
+    workers = [p.read_text(encoding="utf-8", errors="replace") for p in logs.glob("hospital-*-worker.log")]
     return {"superlink_database_locked": link.count("database is locked"),
+            "node_worker_restarts": sum(w.count("; restarting in") for w in workers),
+            "node_worker_messages_failed": sum(w.count(" | failed") for w in workers),
+            "clientapp_without_worker": sum(n.count("not reachable after") for n in nodes),
             "superlink_http_500": link.count(" 500"),
             "superlink_superexec_crashed": "flower-superexec\", line" in link,
             "node_replies_not_delivered": sum(n.count("Failed to send message") for n in nodes)}
@@ -290,7 +317,7 @@ def _mb(stats: dict, key: str = "peak_mb") -> str:
 
 
 def render(r: dict) -> list[str]:
-    sim, small = r["simulation"], r["deployments"][0]
+    sim = r["simulation"]
     lines = [f"## Deployment against simulation ({r['model']}, measured {r['when']})", "",
              f"One benchmark run (`python -m bench.deployment`), side by side: the same config "
              f"({r['local_steps']} local steps of batch {r['batch_size']}, every client every round, "
@@ -315,18 +342,27 @@ def render(r: dict) -> list[str]:
     lines.append(row(f"simulation, {sim['clients']} clients", sim))
     for d in r["deployments"]:
         if "error" not in d:
-            lines.append(row(f"deployment, {d['supernodes']} SuperNodes", d))
-    ratio = r["ratio"]
-    later = f"{ratio['later_rounds']:.2f}x" if ratio["later_rounds"] is not None else "-"
-    lines += [f"| **deployment / simulation, {small['supernodes']} clients** | {ratio['round_1']:.2f}x "
-              f"| {later} | | | | |", "",
+            lines.append(row(label(d), d))
+
+    def times(value) -> str:
+        return f"{value:.2f}x" if value is not None else "-"
+
+    for tag, how in (("fresh", "fresh process per message"), ("kept", "kept model")):
+        if f"{tag}_round_1" in r["ratio"]:
+            lines.append(f"| **deployment ({how}) / simulation, {NODE_COUNTS[0]} clients** "
+                         f"| {times(r['ratio'][f'{tag}_round_1'])} | {times(r['ratio'][f'{tag}_later_rounds'])} "
+                         "| | | | |")
+    lines += ["",
               "Training and evaluation: the slowest client's train and evaluate times and the server's "
               "evaluation, as metrics.json records them. The rest of a round is Flower's: in deployment "
               "every message starts a fresh ClientApp process on its node (subprocess isolation; two "
               "per node per round, train and evaluate), where the simulation's Ray workers keep the "
               "model loaded after round 1. The deployed clients hold 20% of their file out as a test "
               "split (unused by them), so they train and evaluate on slightly fewer records than the "
-              "simulated ones; a round's training is the same number of steps either way.", "",
+              "simulated ones; a round's training is the same number of steps either way. With the kept "
+              "model, each SuperNode has a worker (`fedcl.client.worker`) that holds the model, "
+              "tokenizer and data; Flower still starts a ClientApp process per message, which then "
+              "imports no torch and only forwards the message over the node's Unix socket.", "",
               "Coordinator resident memory (MB), sampled once a second: SuperLink, the ServerApp "
               "(`flwr-serverapp`, a separate process started by the SuperLink's SuperExec) and that "
               "SuperExec. Idle: every node connected, no run; steady: median once round 1 was committed "
@@ -335,20 +371,31 @@ def render(r: dict) -> list[str]:
               "apart).", "",
               "| SuperNodes | SuperLink idle | SuperLink steady | SuperLink peak | ServerApp steady "
               "| ServerApp peak | SuperExec peak | coordinator total peak | per SuperNode (median / peak) "
-              "| its SuperExec | ClientApp peak |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| its SuperExec | ClientApp peak | node worker peak |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in (d for d in r["deployments"] if "error" not in d):
         m = d["memory"]
         c = m["coordinator"]
-        lines.append(f"| {d['supernodes']} | {_mb(c['flower-superlink'], 'idle_mb')} "
+        lines.append(f"| {d['supernodes']}{' kept' if d.get('kept_model') else ''} | {_mb(c['flower-superlink'], 'idle_mb')} "
                      f"| {_mb(c['flower-superlink'], 'steady_mb')} | {_mb(c['flower-superlink'])} "
                      f"| {_mb(c['flwr-serverapp'], 'steady_mb')} | {_mb(c['flwr-serverapp'])} "
                      f"| {_mb(c['flower-superexec'])} | {_mb(c['total'])} "
                      f"| {_mb(m['supernode'], 'median_mb')} / {_mb(m['supernode'])} "
-                     f"| {_mb(m['supernode_superexec'], 'median_mb')} | {_mb(m['clientapp'])} |")
+                     f"| {_mb(m['supernode_superexec'], 'median_mb')} | {_mb(m['clientapp'])} "
+                     f"| {_mb(m.get('node_worker', {}))} |")
     lines.append("")
     for d in r["deployments"]:
         e = d.get("errors", {})
         short = [x for x in d.get("rounds", []) if x["replies"] < d["supernodes"]]
+        if d.get("rounds"):
+            lines.append(f"- {label(d)}: replies counted per round "
+                         f"{', '.join(str(x['replies']) for x in d['rounds'])} of {d['supernodes']}; "
+                         f"database locked {e.get('superlink_database_locked', 0)} times, "
+                         f"HTTP 500 {e.get('superlink_http_500', 0)}, replies not delivered "
+                         f"{e.get('node_replies_not_delivered', 0)}, worker restarts "
+                         f"{e.get('node_worker_restarts', 0)}, messages without a worker "
+                         f"{e.get('clientapp_without_worker', 0)}; at most "
+                         f"{d['memory']['clientapps_alive_peak']} ClientApp processes at once, load average "
+                         f"{d['memory']['load_median']:.1f} (median) / {d['memory']['load_peak']:.1f} (peak).")
         if short:
             lines.append(f"- {d['supernodes']} SuperNodes: " + "; ".join(
                 f"round {x['round']} counted {x['replies']} of {d['supernodes']} train replies "
@@ -368,48 +415,80 @@ def render(r: dict) -> list[str]:
     return lines
 
 
+def label(d: dict) -> str:
+    how = "kept model" if d.get("kept_model") else "fresh process per message"
+    return f"deployment, {d['supernodes']} SuperNodes, {how}"
+
+
+def replies_line(result: dict) -> str:
+    """The benchmark's verdict, measured in this run."""
+    kept = next((d for d in result["deployments"] if d.get("kept_model") and d["supernodes"] == NODE_COUNTS[0]
+                 and "error" not in d), None)
+    ratio = result["ratio"].get("kept_later_rounds")
+    large = next((d for d in result["deployments"] if d["supernodes"] == NODE_COUNTS[1]), None)
+    counted = sum(r["replies"] for r in large.get("rounds", [])) if large else 0
+    expected = large["supernodes"] * large["planned_rounds"] if large else 0
+    return (f"steady round deployed/simulated: {ratio:.2f}x (kept model); "
+            f"{large['supernodes'] if large else 12} nodes: {counted} of {expected} replies counted"
+            if ratio is not None else f"steady round deployed/simulated: -; 12 nodes: {counted} of {expected}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the side-by-side comparison")
-    parser.add_argument("--large-rounds", type=int, default=1, help="rounds with 12 SuperNodes")
-    parser.add_argument("--node-counts", default=",".join(map(str, NODE_COUNTS)))
+    parser.add_argument("--large-rounds", type=int, default=3, help="rounds with 12 SuperNodes (kept model)")
+    parser.add_argument("--skip-fresh", action="store_true",
+                        help="leave out the deployment with a fresh process per message")
     parser.add_argument("--keep-logs", type=Path, help="copy each deployment's process logs here")
     args = parser.parse_args()
-    counts = [int(n) for n in args.node_counts.split(",")]
+    small, large = NODE_COUNTS
     result = {"model": "tiny-llama", "when": time.strftime("%Y-%m-%d %H:%M"), "local_steps": LOCAL_STEPS,
-              "batch_size": BATCH_SIZE, "load_before": os.getloadavg()}
+              "batch_size": BATCH_SIZE, "load_before": os.getloadavg(),
+              "threads": os.environ.get("OMP_NUM_THREADS", "unset"), "deployments": []}
     started = time.time()
+    RESULTS.mkdir(exist_ok=True)
+
+    def save() -> None:  # after every run: a benchmark stopped half-way keeps what it measured
+        (RESULTS / RESULT).write_text(json.dumps(result, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory(prefix="fedcl-bench-deploy-") as tmp:
         work = Path(tmp)
-        data_files = write_data(work, max(counts))
-        keys = generate_certs(work / "keys", [f"hospital-{i:02d}" for i in range(max(counts))])
+        data_files = write_data(work, large)
+        keys = generate_certs(work / "keys", [f"hospital-{i:02d}" for i in range(large)])
         app = launch.stage_app(ROOT, work / "app")
-        print(f"simulation, {counts[0]} clients ...", flush=True)
-        config = write_config(work / "sim.toml", data_files, counts[0], min_replies=counts[0],
-                              timeout=COMPARE_TIMEOUT)
+        print(f"simulation, {small} clients ...", flush=True)
+        config = write_config(work / "sim.toml", data_files, small, min_replies=small, timeout=COMPARE_TIMEOUT)
         result["simulation"] = simulate(work, config, args.rounds)
-        result["deployments"] = []
-        for i, nodes in enumerate(counts):
-            print(f"deployment, {nodes} SuperNodes ...", flush=True)
-            if i == 0:  # the comparison: it must work
-                result["deployments"].append(deploy(work, keys, data_files, app, nodes, args.rounds,
-                                                    compare=True, keep_logs=args.keep_logs))
-                continue
+        save()
+        plan = [(small, args.rounds, True, False)] * (not args.skip_fresh) + [
+            (small, args.rounds, True, True), (large, args.large_rounds, False, True)]
+        for nodes, rounds, compare, kept in plan:
+            print(f"deployment, {nodes} SuperNodes, {'kept model' if kept else 'fresh process per message'} ...",
+                  flush=True)
             try:
-                result["deployments"].append(deploy(work, keys, data_files, app, nodes, args.large_rounds,
-                                                    compare=False, keep_logs=args.keep_logs))
+                d = deploy(work, keys, data_files, app, nodes, rounds, compare=compare, kept=kept,
+                           keep_logs=args.keep_logs)
             except (RuntimeError, TimeoutError, OSError, KeyError, ValueError) as error:
-                result["deployments"].append({"supernodes": nodes, "error": str(error)[-2000:],
-                                              "errors": log_errors(work / f"deploy-{nodes}" / "logs")})
-    sim, dep = result["simulation"], result["deployments"][0]
-    result["ratio"] = {"round_1": dep["round_1_seconds"] / sim["round_1_seconds"],
-                       "later_rounds": (dep["later_mean_seconds"] / sim["later_mean_seconds"]
-                                        if dep["later_mean_seconds"] and sim["later_mean_seconds"] else None)}
+                logs = work / f"deploy-{nodes}-{'kept' if kept else 'fresh'}" / "logs"
+                d = {"supernodes": nodes, "kept_model": kept, "error": str(error)[-2000:],
+                     "errors": log_errors(logs) if (logs / "superlink.log").exists() else {}}
+            result["deployments"].append({**d, "planned_rounds": rounds})
+            save()
+    sim = result["simulation"]
+    result["ratio"] = {}
+    for d in result["deployments"]:
+        if d["supernodes"] != small or "error" in d:
+            continue
+        tag = "kept" if d["kept_model"] else "fresh"
+        result["ratio"][f"{tag}_round_1"] = d["round_1_seconds"] / sim["round_1_seconds"]
+        result["ratio"][f"{tag}_later_rounds"] = (d["later_mean_seconds"] / sim["later_mean_seconds"]
+                                                  if d["later_mean_seconds"] and sim["later_mean_seconds"] else None)
     result["load_after"] = os.getloadavg()
     result["total_seconds"] = time.time() - started
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / RESULT).write_text(json.dumps(result, indent=2) + "\n")
+    result["verdict"] = replies_line(result)
+    save()
     print("\n".join(render(result)))
+    print(result["verdict"])
 
 
 if __name__ == "__main__":

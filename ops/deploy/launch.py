@@ -316,7 +316,9 @@ def start_supernode(files: DeployFiles, institution: str, *, superlink: str, run
     command = supernode_command(files, institution, superlink=superlink, runtime_port=runtime_port,
                                 data_file=data_file, state_dir=state_dir, partition_id=partition_id,
                                 root_certificates=root_certificates, worker=socket_file)
-    node = launch(institution, command, log=log, flwr_home=flwr_home)
+    # flower-supernode itself, with a SuperLink's transient HTTP 500 retried (fedcl.ops.deploy.supernode).
+    node = launch(institution, ["python", "-m", "fedcl.ops.deploy.supernode", *command[1:]], log=log,
+                  flwr_home=flwr_home)
     if companion is not None:
         node.companions.append(companion)
     return node
