@@ -209,7 +209,8 @@ class AvalancheMethod(Method):
         strategy = Naive(model=net, optimizer=build_optimizer(params, self.train_cfg),
                      criterion=torch.nn.CrossEntropyLoss(label_smoothing=self.train_cfg.label_smoothing),
                      train_mb_size=self.train_cfg.batch_size, train_epochs=1,
-                     eval_mb_size=self.train_cfg.eval_batch_size, device="cpu",
+                     eval_mb_size=self.train_cfg.eval_batch_size,
+                     device=next(model.parameters()).device,  # Avalanche moves the model there
                      plugins=[_TaskGate(self.plugin), *extra_plugins],
                      evaluator=EvaluationPlugin(loggers=[]))  # no console logger in a node's output
         # A strategy lives for one round or one task end, so its clock is set from the

@@ -192,12 +192,13 @@ def test_train_dp_and_evaluate_touch_only_the_device(device, top_layers, restore
     assert {(t.device.type, t.dtype) for t in state.values()} == {("cpu", torch.float32)}
 
 
-def test_noise_is_drawn_where_the_gradients_are():
-    cpu = torch.Generator().manual_seed(7)
-    assert noise_generator(cpu, torch.device("cpu")) is cpu
-    if CUDA:
-        gpu = noise_generator(cpu, torch.device("cuda"))
-        assert gpu.device.type == "cuda" and gpu.initial_seed() == 8 and cpu.initial_seed() == 7
+@pytest.mark.parametrize("device", DEVICES)
+def test_noise_is_drawn_where_the_gradients_are_without_touching_the_batch_draws(device):
+    batches = torch.Generator().manual_seed(7)
+    noise = noise_generator(batches, torch.device(device))
+    assert noise is not batches and noise.device.type == device and noise.initial_seed() == 8
+    torch.randn(3, generator=noise, device=device)
+    assert torch.equal(torch.rand(4, generator=batches), torch.rand(4, generator=torch.Generator().manual_seed(7)))
 
 
 # -- the whole path on a machine without a GPU ---------------------------------------------
@@ -333,6 +334,29 @@ def test_dp_training_with_checkpointing_releases_the_same_adapter(restore):
         results.append(adapter_state(model))
     for name in start:
         torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.privacy
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_with_a_float32_adapter_trains_under_dp(dtype, monkeypatch):
+    """The GPU recipe run on the CPU: a half-precision base, float32 LoRA and per-sample gradients."""
+    config = config_with("model.device=cpu")
+    shared, records = records_of(config, 4)
+    monkeypatch.setattr(accelerator, "base_dtype", lambda model_cfg, device: dtype)
+    model, _ = build_lora_model(config.model, config.lora)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {dtype}
+    probe, dtypes = Placement(model), set()
+    probe.after_noise = lambda: dtypes.update(
+        t.dtype for p in probe.params for t in (p.grad, p.grad_sample))
+    try:
+        result = train_private(model, shared.task, records, config.train, config.model,
+                               plan(sample_rate=0.5, noise_multiplier=1.0, steps_per_round=2),
+                               after_noise=[probe.after_noise])
+    finally:
+        probe.close()
+    assert dtypes == {torch.float32} and math.isfinite(result.loss)
+    assert {p.dtype for p in trainable_parameters(model)} == {torch.float32}
+    assert all(torch.isfinite(t).all() for t in adapter_state(model).values())
 
 
 # -- loss scaling (float16 on a GPU), run on the CPU in float32 arithmetic ----------------------

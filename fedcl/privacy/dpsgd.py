@@ -20,8 +20,8 @@ per-example terms, so each example's clipped gradient covers both).
 Batches and noise come from the operating system's secure randomness, not
 from the run seed: the server knows the run seed and could otherwise
 replay the noise and subtract it. The Poisson draws are made on the CPU; the
-noise is drawn on the parameters' device (`model.device`), by a generator
-seeded from the same secret seed (`noise_generator`).
+noise is drawn on the parameters' device (`model.device`), by a generator of
+its own seeded from the same secret seed (`noise_generator`).
 
 On a GPU with ``model.compute_dtype = "float16"`` the loss is scaled against
 underflow and each micro-batch's per-sample gradients divided back before
@@ -58,13 +58,12 @@ def secure_generator() -> torch.Generator:
 
 
 def noise_generator(generator: torch.Generator, device: torch.device) -> torch.Generator:
-    """The generator Opacus draws the noise with: `generator` on the CPU, else one on `device`.
+    """The generator Opacus draws the noise with, on `device` (where the gradients are).
 
     Seeded from `generator`'s (secret) seed without drawing from it, so the
-    Poisson batches are the same whichever device the noise is drawn on.
+    Poisson batches drawn from `generator` are the same whichever device the
+    noise comes from.
     """
-    if device.type == "cpu":
-        return generator
     return torch.Generator(device=device).manual_seed((generator.initial_seed() + 1) % 2**63)
 
 
