@@ -77,7 +77,7 @@ class ModelConfig:
     # (`fedcl.accelerator`). float16 needs a GPU.
     compute_dtype: ComputeDtype = "float32"
     # Recompute each decoder layer's activations in the backward pass instead of
-    # keeping them: less memory per example, about a third more compute per step;
+    # keeping them: less memory per example, one more forward pass per step;
     # the same gradients, also DP-SGD's per-sample ones.
     gradient_checkpointing: bool = False
     # Torch threads per client process (0: auto, at most federation.client_cpus and

@@ -52,7 +52,7 @@ BAD_VALUES = [
     ("model.name", "", "''"),
     ("model.max_length", "4", "4"),
     ("model.max_length", "9000", "9000"),
-    ("model.compute_dtype", "float16", "'float16'"),
+    ("model.compute_dtype", "float8", "'float8'"),
     ("model.threads", "-1", "-1"),
     ("lora.r", "0", "0"),
     ("lora.r", "2000", "2000"),
@@ -325,7 +325,7 @@ def test_replace_validates_and_leaves_original():
 
 
 def test_closed_choices_list_the_allowed_values():
-    with pytest.raises(ConfigError, match=r"expected one of float32, bfloat16$"):
-        load_config(overrides=["model.compute_dtype=float16"])
+    with pytest.raises(ConfigError, match=r"expected one of float32, bfloat16, float16$"):
+        load_config(overrides=["model.compute_dtype=float8"])
     with pytest.raises(ConfigError, match=r"expected one of iid, dirichlet, column$"):
         load_config(overrides=["data.partition=random"])

@@ -432,14 +432,18 @@ def test_gpu_dp_round_of_the_default_model_matches_the_cpu_and_is_faster():
         config = load_config(None, [f"model.device={device}", "data.max_records=64", "train.batch_size=8"])
         shared, records = records_of(config, 32)
         start = adapter_state(shared.model)
+        # Noise 0 (CUDA and CPU generators draw different numbers) and SGD (linear in the
+        # released gradient; Adam's first steps are sign-like, flipping on rounding): what is
+        # compared is DP-SGD's clipped per-sample gradients, computed on each device.
         result = train_private(shared.model, shared.task, records, config.train, config.model,
                                plan(sample_rate=0.25, noise_multiplier=0.0, max_grad_norm=1.0,
                                     expected_batch_size=8, steps_per_round=3),
-                               generator=torch.Generator().manual_seed(11))
+                               generator=torch.Generator().manual_seed(11),
+                               make_optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5))
         updates[device] = torch.cat([(t - start[n]).flatten() for n, t in adapter_state(shared.model).items()])
         seconds[device] = result.seconds
         load_adapter_state(shared.model, start)
     gap = float((updates["cuda"] - updates["cpu"]).norm() / updates["cpu"].norm())
-    assert gap < 1e-2, f"GPU and CPU adapters differ by {gap:.2e} of the update"
+    assert gap < 1e-3, f"GPU and CPU adapters differ by {gap:.2e} of the update"
     assert seconds["cuda"] < seconds["cpu"], seconds
 
