@@ -29,6 +29,7 @@ import torch
 
 from fedcl import accelerator, keys
 from fedcl.config import Config
+from fedcl.federation.ray_leftovers import owned_ray, reap_leftovers
 
 
 def backend_config(config: Config) -> dict:
@@ -102,7 +103,9 @@ def run_on_ray(config: Config, *, client_app: ClientApp, server_app: ServerApp) 
 
     flat = config.to_flat()
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=dict(flat))
-    with warnings.catch_warnings():
+    # What an earlier fedcl run killed with SIGKILL left of its Ray (federation/ray_leftovers.py).
+    reap_leftovers()
+    with warnings.catch_warnings(), owned_ray():
         # The Python entry point is marked deprecated in favour of `flwr run`;
         # fedcl drives the same engine and says so in its docs.
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
@@ -133,7 +136,9 @@ def shared_ray() -> Iterator[None]:
 
     RayBackend.terminate = terminate_actors_only
     try:
-        yield
+        reap_leftovers()
+        with owned_ray():  # Ray outlives each run here: mark it for the block's length
+            yield
     finally:
         RayBackend.terminate = original
         import ray

@@ -9,9 +9,13 @@ federated evaluation are made of.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import signal
 import statistics
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import torch
 from fedcl.config import Config, ConfigError, flwr_app_config, from_run_config, load_config
 from fedcl.session import GlobalEvaluator
 from fedcl.strategies.weighting import bounded_weights
+from fedcl.federation import ray_leftovers
 from fedcl.federation.grid import InProcessGrid, server_context
 from tests.test_robustness_replies import HOSTILE, TINY, Federation
 
@@ -199,3 +204,59 @@ def test_two_runs_give_bitwise_identical_adapters_and_metrics_whatever_the_arriv
     assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
     metrics = [_without_timings(json.loads((out / "metrics.json").read_text())) for out in (first, second)]
     assert metrics[0] == metrics[1]
+
+
+# -- Ray's leftovers after a kill -9 -----------------------------------------------------------
+IGNORES_SIGTERM = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                   "print('ready', flush=True); time.sleep(60)")
+
+
+def _start(env_token: str | None) -> subprocess.Popen:
+    """A real process that ignores SIGTERM (as Ray's runtime-env agent does), marked with `env_token`."""
+    env = {k: v for k, v in os.environ.items() if k != ray_leftovers.OWNER_VAR}
+    if env_token is not None:
+        env[ray_leftovers.OWNER_VAR] = env_token
+    process = subprocess.Popen([sys.executable, "-c", IGNORES_SIGTERM], env=env, stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"  # SIGTERM is ignored from here on
+    return process
+
+
+def _marker(directory: Path, token: str) -> Path:
+    path = directory / f"owner-{token.replace(':', '-')}"
+    path.write_text(token + "\n")
+    return path
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc (Linux)")
+def test_the_next_start_ends_what_a_killed_run_left_and_nothing_else(tmp_path):
+    killed_driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = ray_leftovers.owner_token(killed_driver.pid)
+    live_driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = ray_leftovers.owner_token(live_driver.pid)
+    leftover, running, foreign = _start(dead), _start(live), _start(None)
+    processes = (killed_driver, live_driver, leftover, running, foreign)
+    try:
+        dead_marker, live_marker = _marker(tmp_path, dead), _marker(tmp_path, live)
+        killed_driver.kill()
+        killed_driver.wait()
+        assert ray_leftovers.reap_leftovers(tmp_path, grace=0.5) == [leftover.pid]
+        assert leftover.wait(timeout=10) == -signal.SIGKILL  # SIGTERM ignored: killed after the grace
+        assert running.poll() is None and foreign.poll() is None and live_driver.poll() is None
+        assert not dead_marker.exists() and live_marker.exists()
+        assert ray_leftovers.reap_leftovers(tmp_path, grace=0.5) == []  # nothing left to end
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+
+
+def test_owned_ray_marks_the_environment_and_records_the_owner_for_the_block(tmp_path, monkeypatch):
+    monkeypatch.delenv(ray_leftovers.OWNER_VAR, raising=False)
+    with ray_leftovers.owned_ray(tmp_path) as token:
+        assert os.environ[ray_leftovers.OWNER_VAR] == token == ray_leftovers.owner_token()
+        (marker,) = tmp_path.glob("owner-*")
+        assert marker.read_text().strip() == token and ray_leftovers.is_alive(token)
+        with ray_leftovers.owned_ray(tmp_path):  # nested (a tuning study's shared Ray, then a run)
+            pass
+        assert marker.exists()
+    assert not list(tmp_path.glob("owner-*")) and ray_leftovers.OWNER_VAR not in os.environ
