@@ -148,7 +148,7 @@ _LORA_INPUT = {"q_proj": "attention norm", "k_proj": "attention norm", "v_proj":
                "shared_experts.down_proj": "shared product"}
 
 
-def activation_elements(shape_cfg, index: int, seq_len: int, lora: list[shapes.Linear], r: int) -> int:
+def activation_elements(shape_cfg, index: int, lora: list[shapes.Linear], r: int) -> int:
     """Elements autograd keeps per token in trained decoder layer `index` (float32 each).
 
     The RMS norms keep one hidden state (measured: the layer's input is no
@@ -205,6 +205,7 @@ class Plan:
     device: str
     available: int | None  # bytes free on the device, None when unknown
     threads: ThreadPlan
+    concurrent: int = 1  # clients training at once on this device
     warnings: tuple[str, ...] = field(default=())
 
     @property
@@ -214,7 +215,7 @@ class Plan:
     @property
     def needed(self) -> int:
         """Bytes on the device for the clients that train at once and the server."""
-        return self.threads.concurrent * self.client_bytes + self.server_bytes
+        return self.concurrent * self.client_bytes + self.server_bytes
 
 
 def _device(config: Config) -> str:
@@ -275,11 +276,8 @@ def plan_run(config: Config, *, available: int | None = None, cores: int | None 
     tokens = rows * seq
     device = _device(config)
     base_dtype = config.model.compute_dtype if device.startswith("cuda") else "float32"
-    per_token = [activation_elements(shape_cfg, i, seq, lora[i], r) for i in trained]
-    if getattr(config.model, "gradient_checkpointing", False):
-        kept = len(trained) * shape_cfg.hidden_size + max(per_token)
-    else:
-        kept = sum(per_token)
+    kept = _kept_elements(shape_cfg, lora, r, checkpointing=getattr(config.model, "gradient_checkpointing",
+                                                                     False), dp=dp)
     head = 0
     if config.data.task == "instruction":  # full-vocabulary logits, their float copy and log-softmax
         head = 3 * tokens * shape_cfg.vocab_size * 4
@@ -296,10 +294,27 @@ def plan_run(config: Config, *, available: int | None = None, cores: int | None 
     flops = _flops(shape_cfg, count, trained, seq, tokens, trainable, config)
     threads = thread_plan(config, cores)
     free = device_memory(device) if available is None else available
+    concurrent = threads.concurrent
+    if device.startswith("cuda"):  # Ray packs 1 / client_gpus clients onto one GPU
+        share = getattr(config.federation, "client_gpus", 1.0)
+        concurrent = max(1, min(concurrent, int(1 / share + 1e-9)))
     plan = Plan(config.model.name, label, shape_cfg.model_type, layers, len(trained), count.total,
                 count.active, trainable, tokens, dp, memory, weights + trainable * _LORA_BYTES, flops,
-                device, free, threads)
+                device, free, threads, concurrent=concurrent)
     return _with_warnings(plan, config)
+
+
+def _kept_elements(shape_cfg, lora: dict[int, list[shapes.Linear]], r: int, *, checkpointing: bool,
+                   dp: bool) -> int:
+    """Elements kept per token over the trained layers (`lora`: their LoRA modules by layer index)."""
+    per_token = [activation_elements(shape_cfg, i, mods, r) for i, mods in lora.items()]
+    if not checkpointing:
+        return sum(per_token)
+    # Each layer keeps its input, the layer being recomputed its full set; under DP
+    # Opacus also keeps every LoRA module's input for the per-sample gradients.
+    inputs = sum(activation_elements(shape_cfg, i, mods, r) - activation_elements(shape_cfg, i, [], r)
+                 for i, mods in lora.items()) if dp else 0
+    return len(lora) * shape_cfg.hidden_size + inputs + max(per_token)
 
 
 def _flops(shape_cfg, count, trained: list[int], seq: int, tokens: int, trainable: int, config: Config) -> float:
@@ -320,7 +335,7 @@ def _with_warnings(plan: Plan, config: Config) -> Plan:
     warnings = []
     if plan.available is not None and plan.needed > plan.available:
         warnings.append(
-            f"{plan.device} cannot hold this run: it needs {_size(plan.needed)} ({plan.threads.concurrent} "
+            f"{plan.device} cannot hold this run: it needs {_size(plan.needed)} ({plan.concurrent} "
             f"client(s) at once x {_size(plan.client_bytes)} + server {_size(plan.server_bytes)}), "
             f"{_size(plan.available)} is free; lower train.batch_size or model.max_length, set "
             "lora.top_layers, train.micro_batch_size (DP) or model.gradient_checkpointing, or run fewer "
@@ -364,7 +379,7 @@ def format_plan(plan: Plan, config: Config) -> str:
     lines += [f"  {part:<12}{_size(size):>12}" for part, size in plan.memory.items()]
     lines += [f"  {'= client':<12}{_size(plan.client_bytes):>12}  per training process",
               f"  {'server':<12}{_size(plan.server_bytes):>12}",
-              f"  {'device':<12}{_size(plan.needed):>12}  needed ({plan.threads.concurrent} client(s) at once "
+              f"  {'device':<12}{_size(plan.needed):>12}  needed ({plan.concurrent} client(s) at once "
               f"+ server); free: {_size(plan.available) if plan.available is not None else 'unknown'}",
               f"flops/step  {_count(plan.flops_per_step)}FLOP",
               plan.threads.describe()]

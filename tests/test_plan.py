@@ -158,3 +158,13 @@ def test_thread_counts_can_be_set_and_are_applied():
         assert configure_threads(auto, server=True) == thread_plan(auto).server == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_gradient_checkpointing_keeps_one_hidden_state_per_layer():
+    if not hasattr(load_config(None).model, "gradient_checkpointing"):
+        pytest.skip("model.gradient_checkpointing is not a setting here")
+    whole = plan_run(config("model.name=smollm2-135m"), available=10**12)
+    ckpt = plan_run(config("model.name=smollm2-135m", "model.gradient_checkpointing=true"), available=10**12)
+    tokens, per_layer = 8 * 64, whole.memory["activations"] // (8 * 64 * 4 * 30)
+    assert ckpt.memory["activations"] == (30 * 576 + per_layer) * tokens * 4
+    assert ckpt.flops_per_step > whole.flops_per_step  # the forward runs twice
