@@ -5,9 +5,10 @@ SIGKILL cannot. Measured with ray 2.55.1: after a ``kill -9`` of ``fedcl
 simulate``, Ray's dashboard agent and runtime-env agent outlive it, reparented
 to init, and the runtime-env agent ignores SIGTERM. Ray rewrites their command
 lines (``ray::DashboardAgent``), so they cannot be told apart by name; they do
-inherit the driver's environment.
+inherit the driver's ``RAY_*`` environment variables (the raylet starts its
+agents with those only: a mark without the prefix did not reach them).
 
-So `owned_ray()`, around every fedcl use of Ray, puts ``FEDCL_RAY_OWNER=<pid>:<start
+So `owned_ray()`, around every fedcl use of Ray, puts ``RAY_FEDCL_OWNER=<pid>:<start
 time>`` into this process's environment before Ray starts (every process Ray
 starts from here inherits it) and writes a marker file naming that owner in
 `marker_dir()`; the marker goes when the block ends. `reap_leftovers()`, at
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from fedcl import atomic
 
-OWNER_VAR = "FEDCL_RAY_OWNER"
+OWNER_VAR = "RAY_FEDCL_OWNER"  # RAY_: the raylet passes only these on to its agents
 PROC = Path("/proc")
 logger = logging.getLogger("fedcl.engine")
 
