@@ -422,8 +422,6 @@ def label(d: dict) -> str:
 
 def replies_line(result: dict) -> str:
     """The benchmark's verdict, measured in this run."""
-    kept = next((d for d in result["deployments"] if d.get("kept_model") and d["supernodes"] == NODE_COUNTS[0]
-                 and "error" not in d), None)
     ratio = result["ratio"].get("kept_later_rounds")
     large = next((d for d in result["deployments"] if d["supernodes"] == NODE_COUNTS[1]), None)
     counted = sum(r["replies"] for r in large.get("rounds", [])) if large else 0

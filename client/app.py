@@ -39,7 +39,8 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
                               run_id=msg.metadata.run_id, message_id=message_id)
         if body is not None:
             return Message(content=recorddict_from_proto(ProtoRecordDict.FromString(body)), reply_to=msg)
-    from fedcl.client.handlers import HANDLERS  # torch and the model: only when this process works
+    # torch and the model: only when this process does the work itself
+    from fedcl.client.handlers import HANDLERS
 
     return Message(content=HANDLERS[kind](msg.content, run_config, node_config, message_id), reply_to=msg)
 

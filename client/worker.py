@@ -181,7 +181,7 @@ def serve(listener: socket.socket, *, stop=lambda: False) -> None:
     while not stop():
         try:
             conn, _ = listener.accept()
-        except socket.timeout:
+        except TimeoutError:
             continue
         with conn:
             conn.settimeout(None)

@@ -366,3 +366,43 @@ def test_deployed_nodes_read_their_own_files_whatever_their_id(tmp_path):
     clients = metrics["rounds"][0]["clients"]
     assert [c["id"] for c in clients] == [0, 1, 2] and metrics["rounds"][0]["failures"] == 0
     assert all(c["num_examples"] > 0 for c in clients)
+
+
+def test_kept_model_deployment_counts_every_reply_when_a_worker_dies_after_charging(deployment, tmp_path,
+                                                                                     monkeypatch):
+    """Each SuperNode with its worker (model kept loaded). hospital-c's serving process
+    exits right after every ledger write, before its reply leaves (the worst moment):
+    its supervisor starts another, the ClientApp sends the message once more, and the
+    round still counts all three replies, each round charged once."""
+    from fedcl.privacy.client import EXIT_AFTER_CHARGE_ENV
+    from fedcl.privacy.ledger import LEDGER_FILE, PrivacyLedger
+
+    dep, L = deployment, deployment.L
+    data = write_data(tmp_path)
+    config = write_run_config(tmp_path / "deploy.toml", data["server"], dp=True)
+    text = config.read_text().replace("min_replies = 1", "min_replies = 3").replace("timeout = 75", "timeout = 240")
+    config.write_text(text)
+    run_dir = tmp_path / "run"
+    app = L.stage_app(REPO, tmp_path / "app")
+    dep.start_link()
+    L.write_connection(dep.home, CONNECTION, dep.address, dep.files.ca_cert)
+    for i, name in enumerate(INSTITUTIONS):
+        L.register_node(dep.files, name, CONNECTION, dep.home)
+        if name == "hospital-c":
+            monkeypatch.setenv(EXIT_AFTER_CHARGE_ENV, "1")
+        dep.start_node(name, i, data[name], worker=True)
+        monkeypatch.delenv(EXIT_AFTER_CHARGE_ENV, raising=False)
+    L.wait_for(lambda: dep.online_nodes() == 3, timeout=90, what="three SuperNodes online")
+    L.submit_run(app, CONNECTION, {"config": str(config), "run.out_dir": str(run_dir), "federation.rounds": 2},
+                 dep.home)
+    L.wait_for(lambda: checkpoint_round(run_dir) >= 2, timeout=900, what="round 2 checkpoint", process=dep.link)
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [sorted(c["id"] for c in r["clients"]) for r in metrics["rounds"]] == [[0, 1, 2], [0, 1, 2]]
+    logs = tmp_path / "logs"
+    assert (logs / "hospital-c-worker.log").read_text().count("exited (75); restarting") >= 2
+    for name in INSTITUTIONS:
+        assert "not reachable after" not in (logs / f"{name}.log").read_text()  # every message via the worker
+        assert (logs / f"{name}-worker.log").read_text().count("| train | message") >= 2
+        entries = PrivacyLedger.load(tmp_path / "state" / name / LEDGER_FILE).entries
+        assert [e["round"] for e in entries] == [1, 2] and len({e["message"] for e in entries}) == 2, entries

@@ -1,18 +1,16 @@
 """A node's long-lived worker (`fedcl.client.worker`): what the ClientApp hands it
 over its Unix socket, what comes back, and what survives a worker that dies.
 
-In-process tests serve the real socket from a thread of the test process (the
-model then loads once for all of them); the one marked `deployment` runs the
-real supervisor and serving processes and has the serving one die right after
-charging the privacy ledger, before its reply leaves.
+These serve the real socket from a thread of the test process (the model then
+loads once for all of them). The real supervisor and serving processes, with a
+serving process that dies right after charging the ledger, run in
+`tests/test_deployment.py` (marker `deployment`) behind real SuperNodes.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -23,16 +21,13 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from fedcl.client import app as client_app
-from fedcl.client import handlers
-from fedcl.client import worker
+from fedcl.client import handlers, worker
 from fedcl.config import load_config
 from fedcl.federation.grid import InProcessGrid
 from fedcl.federation.messages import state_to_arrays
-from fedcl.privacy.client import EXIT_AFTER_CHARGE_ENV
 from fedcl.privacy.ledger import LEDGER_FILE, PrivacyLedger
 from fedcl.session import GlobalEvaluator
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.name=tiny-llama", "data.max_records=40", "data.max_test_records=8", "train.local_steps=2",
          "train.batch_size=4", "federation.clients=2", "privacy.delta=1e-3"]
 
@@ -169,29 +164,3 @@ def test_a_message_lost_after_its_charge_is_sent_again_and_charged_once(tmp_path
     assert [(e["round"], e["message"]) for e in entries] == [(1, "m-17"), (2, "m-18")]
     assert reply.metric_records["metrics"]["epsilon"] == pytest.approx(entries[0]["epsilon"])
     assert second.metric_records["metrics"]["epsilon"] == pytest.approx(entries[1]["epsilon"])
-
-
-@pytest.mark.deployment
-def test_a_worker_process_killed_after_charging_is_restarted_and_the_message_answered(tmp_path):
-    """The real supervisor: its serving process exits right after each ledger write
-    (before replying); a new one serves the re-sent message, which is not charged again."""
-    state = tmp_path / "state"
-    flat = run_config(tmp_path, "run", "privacy.target_epsilon=6")
-    node_config = {"partition-id": 0, "num-partitions": 2, "state-dir": str(state)}
-    env = {**os.environ, EXIT_AFTER_CHARGE_ENV: "1", "OMP_NUM_THREADS": "1"}
-    log = open(tmp_path / "worker.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "fedcl.client.worker", "--state-dir", str(state)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        reply = decode(worker.forward(worker.socket_path(state), "train", train_body(flat), run_config=flat,
-                                      node_config=node_config, run_id=3, message_id="m-1", wait=60))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
-    text = (tmp_path / "worker.log").read_text()
-    assert "exited (75); restarting" in text, text[-3000:]
-    entries = PrivacyLedger.load(state / LEDGER_FILE).entries
-    assert [(e["round"], e["message"]) for e in entries] == [(1, "m-1")]
-    assert reply.metric_records["metrics"]["epsilon"] == pytest.approx(entries[0]["epsilon"])
-    assert not worker.socket_path(state).exists()  # the supervisor cleans up on SIGTERM
