@@ -94,6 +94,26 @@ def test_reported_weighting_keeps_flowers_fedavg_weights(tmp_path):
     assert record["federated_eval"]["accuracy"] == pytest.approx(expected) and expected < 1e-3
 
 
+def test_flora_stacks_with_the_same_bounded_weights(tmp_path):
+    """Exact LoRA aggregation reads its weights from the one weighting place: a claim of a
+    million examples gives the very global that a claim of the cap (3 x 13) gives, and not
+    the one an honest count (13) gives."""
+    def claiming(count):
+        def tamper(reply, kind, run_round, partition):
+            if partition == HOSTILE and kind == "train":
+                reply.content["metrics"]["num-examples"] = count
+            return False
+        return tamper
+
+    globals_ = {}
+    for count in (INFLATED, 39, 13):
+        fed = Federation(tmp_path, claiming(count), "strategy.name=flora", "federation.rounds=1",
+                         folder=f"claims-{count}")
+        globals_[count] = GlobalEvaluator(fed.config).load_saved(fed.out / "adapters" / "round-1")
+    assert all(torch.equal(globals_[INFLATED][k], globals_[39][k]) for k in globals_[39])
+    assert not all(torch.equal(globals_[13][k], globals_[39][k]) for k in globals_[39])
+
+
 @pytest.mark.parametrize("weighting,counts,expected", [
     ("capped", [13, 13, 10**6], [13, 13, 39]),
     ("capped", [44, 84, 3, 1, 25], [44, 75, 3, 1, 25]),  # Dirichlet(0.1), 5 clients, seed 0
