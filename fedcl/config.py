@@ -277,6 +277,11 @@ class TrainConfig:
     # Binary tasks with a positive_label: evaluations report the best recall of
     # that class at this precision, and the probability threshold that gives it.
     target_precision: float = 0.9
+    # ...and the server holds out this share of its evaluation records (stratified)
+    # as a validation split: the threshold that reaches target_precision there is
+    # the one its test figures use and report, so no threshold is ever chosen on
+    # the test split (0: the test split is scored at train.threshold).
+    threshold_validation: float = 0.3
     eval_batch_size: int = 16
     # DP-SGD: the most examples one forward/backward pass holds (0: the whole
     # logical batch). A logical (Poisson) batch larger than this is processed in
@@ -295,6 +300,8 @@ class TrainConfig:
         _check(0.0 < self.threshold < 1.0, "train.threshold", self.threshold, "a float in (0, 1)")
         _check(0.0 < self.target_precision <= 1.0, "train.target_precision", self.target_precision,
                "a float in (0, 1]")
+        _check(0.0 <= self.threshold_validation < 1.0, "train.threshold_validation",
+               self.threshold_validation, "a float in [0, 1)")
         _check(self.eval_batch_size >= 1, "train.eval_batch_size", self.eval_batch_size, "a positive integer")
         _check(self.micro_batch_size >= 0, "train.micro_batch_size", self.micro_batch_size,
                "0 (the whole logical batch at once) or a positive integer")
@@ -786,7 +793,7 @@ def _ineffective_reason(config: Config, key: str) -> str | None:
     elif key == "train.micro_batch_size":
         rules.append((not (p.enabled and p.mode == "sample"), 'it splits DP-SGD batches (privacy.mode = '
                                                               '"sample" with DP on)'))
-    elif key in ("train.threshold", "train.target_precision"):
+    elif key in ("train.threshold", "train.target_precision", "train.threshold_validation"):
         rules.append((not config.train.positive_label, "train.positive_label is empty"))
     return next((why for holds, why in rules if holds), None)
 

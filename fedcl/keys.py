@@ -113,6 +113,13 @@ AVERAGE_PRECISION = "average_precision"
 RECALL_AT_PRECISION = "recall_at_precision"
 THRESHOLD_AT_PRECISION = "threshold_at_precision"
 TARGET_PRECISION = "target_precision"
+# the server's binary evaluation: a threshold chosen on its validation split, applied to its test split
+THRESHOLD = "threshold"  # the positive class's probability threshold behind accuracy/F1 here
+THRESHOLD_SOURCE = "threshold_source"  # "validation" or "train.threshold" (none reached the precision)
+VALIDATION_RECORDS = "validation_records"
+VALIDATION_RECALL_AT_PRECISION = "validation_recall_at_precision"
+PRECISION_AT_THRESHOLD = "precision_at_threshold"  # the positive class's, on the test split
+RECALL_AT_THRESHOLD = "recall_at_threshold"
 
 # one client's entry under CLIENTS
 CLIENT_ID = "id"

@@ -9,6 +9,7 @@ split. Nothing here imports Flower.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedcl import accelerator, adapters, data, frozen, layouts, models
+from fedcl import accelerator, adapters, data, frozen, keys, layouts, models
 from fedcl.config import Config
 from fedcl.plan import thread_plan
 from fedcl.regularizers import proximal_term
@@ -176,6 +177,13 @@ class GlobalEvaluator:
     def __init__(self, config: Config):
         self.config = config
         self.shared = Shared.get(config, server=True)
+        # A binary task with a class that matters: its threshold is chosen on a
+        # validation split of the server's records, never on the test split.
+        self.validation, self.test = [], self.shared.dataset.test
+        fraction = config.train.threshold_validation
+        if fraction > 0 and _ranks_positive(self.shared.task, config.train) and len(self.test) >= 2:
+            self.test, self.validation = data.split_holdout(
+                self.test, fraction, random.Random(f"{config.train.seed}/threshold").randrange(2**31))
 
     @property
     def layout(self) -> layouts.LoraLayout:
@@ -187,7 +195,25 @@ class GlobalEvaluator:
         return self.layout.initial_global(self.shared.initial_state)
 
     def evaluate(self, state: dict) -> dict:
-        return self.evaluate_records(state, self.shared.dataset.test)
+        """The global `state` on the test split (binary with a positive class: at the validation's threshold)."""
+        if not self.validation:
+            return self.evaluate_records(state, self.test)
+        self.layout.load(self.shared.model, state, self.shared.initial_state, source="global adapter")
+        train_cfg = self.config.train
+        chosen = evaluate(self.shared.model, self.shared.task, self.validation, train_cfg, self.config.model)
+        threshold = chosen[keys.THRESHOLD_AT_PRECISION]
+        source = "validation" if threshold is not None else "train.threshold"
+        threshold = train_cfg.threshold if threshold is None else threshold
+        report = evaluate(self.shared.model, self.shared.task, self.test,
+                          dataclasses.replace(train_cfg, threshold=threshold), self.config.model)
+        positive = report[keys.PER_CLASS].get(train_cfg.positive_label, {})
+        del report[keys.THRESHOLD_AT_PRECISION]  # chosen on the test split: never reported as a threshold
+        report.update({keys.THRESHOLD: threshold, keys.THRESHOLD_SOURCE: source,
+                       keys.VALIDATION_RECORDS: len(self.validation),
+                       keys.VALIDATION_RECALL_AT_PRECISION: chosen[keys.RECALL_AT_PRECISION],
+                       keys.PRECISION_AT_THRESHOLD: positive.get("precision", 0.0),
+                       keys.RECALL_AT_THRESHOLD: positive.get("recall", 0.0)})
+        return report
 
     def evaluate_records(self, state: dict, records: list) -> dict:
         """The global `state` scored on `records` (e.g. one continual task's test split)."""
@@ -203,6 +229,12 @@ class GlobalEvaluator:
 
     def base_bytes(self) -> int:
         return models.base_model_bytes(self.shared.model)
+
+
+def _ranks_positive(task, train_cfg) -> bool:
+    """A binary classification task with a named positive class (`fedcl.train.positive_index`)."""
+    labels = getattr(task, "labels", None) or []
+    return bool(train_cfg.positive_label) and len(labels) == 2 and train_cfg.positive_label in labels
 
 
 @functools.lru_cache(maxsize=64)
