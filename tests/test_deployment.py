@@ -406,3 +406,32 @@ def test_kept_model_deployment_counts_every_reply_when_a_worker_dies_after_charg
         assert (logs / f"{name}-worker.log").read_text().count("| train | message") >= 2
         entries = PrivacyLedger.load(tmp_path / "state" / name / LEDGER_FILE).entries
         assert [e["round"] for e in entries] == [1, 2] and len({e["message"] for e in entries}) == 2, entries
+
+
+def test_supernode_retries_a_superlink_500_on_repeatable_fleet_calls_a_bounded_number_of_times():
+    """Flower's SuperNode gives up on an HTTP 500 (its message loop then ends while its
+    heartbeat keeps it online); fedcl's launcher runs it with 500s on repeatable Fleet
+    calls retried, at most MAX_500_RETRIES in a row, and other calls as Flower does."""
+    import httpx
+
+    from fedcl.ops.deploy import supernode
+
+    supernode.install()
+    supernode.install()  # once is enough: not wrapped twice
+    import flwr.supernode.fleet_http_connection as connection
+
+    invoker = connection.make_simple_http_retry_invoker()
+
+    def error(path: str, status: int = 500) -> httpx.HTTPStatusError:
+        request = httpx.Request("POST", f"https://link:9093{path}")
+        return httpx.HTTPStatusError("x", request=request, response=httpx.Response(status, request=request))
+
+    pulls = [invoker.should_giveup(error("/v1/fleet/pull-messages")) for _ in range(supernode.MAX_500_RETRIES + 1)]
+    assert pulls == [False] * supernode.MAX_500_RETRIES + [True]
+    from flwr.supercore.retry.retry_invoker import RetryState
+
+    invoker.on_success(RetryState(print, (), {}, tries=1, elapsed_time=0.0))  # a success ends the streak
+    assert invoker.should_giveup(error("/v1/fleet/push-messages")) is False
+    assert invoker.should_giveup(error("/v1/fleet/activate-node")) is True  # not repeated blindly
+    assert invoker.should_giveup(error("/v1/fleet/pull-messages", 400)) is True
+    assert invoker.should_giveup(error("/v1/fleet/pull-messages", 503)) is False  # Flower's own retry
