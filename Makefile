@@ -41,7 +41,7 @@ bench: install
 	$(BIN)/python -m bench.run_all
 
 # The images built here (no registry needed) and docker/compose.yml run end to end,
-# with an institution container killed mid-round; as root, 10-20 minutes (docker/e2e.sh).
+# with an institution container killed mid-round; as root, 15-40 minutes on 2 cores (docker/e2e.sh).
 docker-e2e: install
 	docker/e2e.sh
 

@@ -25,6 +25,10 @@ step base "$HERE/base-image.sh" "$BASE"
 step wheelhouse "$HERE/wheelhouse.sh" "$BASE"
 # The classic builder: it needs no buildx plugin, and the build needs no secret
 # (it installs from the wheelhouse with --no-index), so BuildKit's secret mounts are moot.
+# The deps stage tagged too (fedcl-deps): a tagged stage is never pruned as dangling,
+# so the next build finds its cache (the stage is the same in both Dockerfiles).
+step deps env DOCKER_BUILDKIT=0 docker build --quiet --build-arg "BASE=$BASE" --target deps \
+    -f "$HERE/coordinator.Dockerfile" -t "fedcl-deps:$TAG" "$HERE"
 for image in coordinator institution; do
     step "$image" env DOCKER_BUILDKIT=0 docker build --quiet --build-arg "BASE=$BASE" \
         -f "$HERE/$image.Dockerfile" -t "fedcl-$image:$TAG" "$HERE"
@@ -34,7 +38,7 @@ if [[ $# -ge 1 ]]; then
     size() { docker image inspect --format '{{.Size}}' "$1"; }
     cat > "$1" <<JSON
 {"base_image": "$BASE", "tag": "$TAG",
- "seconds": {"base": ${secs[base]}, "wheelhouse": ${secs[wheelhouse]},
+ "seconds": {"base": ${secs[base]}, "wheelhouse": ${secs[wheelhouse]}, "deps": ${secs[deps]},
              "coordinator": ${secs[coordinator]}, "institution": ${secs[institution]}},
  "bytes": {"base": $(size "$BASE"), "coordinator": $(size "fedcl-coordinator:$TAG"),
            "institution": $(size "fedcl-institution:$TAG"),

@@ -7,6 +7,7 @@
 # the images, and every container, volume and network of the project removed.
 #
 #   docker/e2e.sh [--rounds N] [--kill hospital-b] ...   # arguments go to docker/e2e.py
+#   FEDCL_DOCKER_BUILD=0 docker/e2e.sh                    # use the images already built
 #
 # Results: bench/results/docker.json (image sizes, build and run times); logs and the
 # run's files (keys removed) in docker/.e2e/<time>/.
@@ -46,6 +47,10 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-"$HERE/build.sh" "$WORK/build.json" 2>&1 | grep -v "^WARNING: Location" | tee "$WORK/build.log"
+if [[ ${FEDCL_DOCKER_BUILD:-1} == 1 ]]; then
+    "$HERE/build.sh" "$WORK/build.json" 2>&1 | grep -v "^WARNING: Location" | tee "$WORK/build.log"
+else  # FEDCL_DOCKER_BUILD=0: the images as they are (built before with docker/build.sh)
+    for image in coordinator institution; do docker image inspect "fedcl-$image:latest" >/dev/null; done
+fi
 "$PY" "$HERE/e2e.py" --work "$WORK/run" --timings "$WORK/build.json" --project "$PROJECT" \
     --out "${FEDCL_DOCKER_RESULTS:-$REPO/bench/results/docker.json}" "$@" 2>&1 | tee "$WORK/e2e.log"

@@ -2,9 +2,9 @@
 
 Builds the base image from Debian packages and both images, brings up
 docker/compose.yml (SuperLink plus three institutions, TLS, node authentication)
-on host networking, runs three rounds of the tiny model with DP-SGD, kills an
+on host networking, runs two rounds of the tiny model with DP-SGD, kills an
 institution container mid-round and starts it again, checks the run and the
-ledgers, and removes every container, volume and network it made. About 10-20
+ledgers, and removes every container, volume and network it made. About 15-40
 minutes, so it runs only when asked: FEDCL_DOCKER_TESTS=1, as root, with a Docker
 engine (or dockerd installable from Debian's docker.io).
 """
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _skip_reason() -> str | None:
     if os.environ.get("FEDCL_DOCKER_TESTS") != "1":
-        return "image builds and a container federation (10-20 min): set FEDCL_DOCKER_TESTS=1 to run"
+        return "image builds and a container federation (15-40 min on 2 cores): set FEDCL_DOCKER_TESTS=1 to run"
     if os.geteuid() != 0:
         return "docker/e2e.sh needs root (dockerd, keys chowned to the images' user)"
     if shutil.which("docker") is None and shutil.which("dockerd") is None and shutil.which("apt-get") is None:
