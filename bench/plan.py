@@ -76,6 +76,8 @@ def worker(overrides: list[str]) -> dict:
         from fedcl import gguf_cache
 
         AutoTokenizer.from_pretrained(gguf_cache.converted_folder(models._smollm2_path()))
+    if plan.dp:
+        import opacus  # noqa: F401  (imported on first DP step: a module, not the step's memory)
     baseline = _status("VmRSS")
     session = LocalSession(config, 0, 1)
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
