@@ -24,7 +24,7 @@ def preflight(config: Config) -> None:
         accelerator.check(config.model)
     except accelerator.DeviceError as err:
         raise UsageError(str(err)) from None
-    _print_plan(config)  # before the model loads: a model the machine cannot hold is named first
+    plan = _plan(config)  # before the model loads: a model the machine cannot hold is named first
     dataset_for(config.data, config.train.seed)  # a bad data file fails fast, before the model loads
     evaluator = GlobalEvaluator(config)
     for client in range(config.federation.clients):
@@ -42,24 +42,29 @@ def preflight(config: Config) -> None:
                 sample_plan(config, len(train))
             except ConfigError as err:
                 raise ConfigError(f"client {client}: {err}") from None
+    if plan is not None:
+        import sys
+
+        from fedcl.plan import summary_line
+
+        print(summary_line(plan), file=sys.stderr)
 
 
-def _print_plan(config: Config) -> None:
-    """One line of the memory plan (`fedcl plan`), and its warnings, on stderr; never refuses a run."""
+def _plan(config: Config):
+    """The memory plan (`fedcl plan`), its warnings printed on stderr now; None when it cannot
+    be estimated (loading the model then reports what is wrong). Never refuses a run."""
     import sys
 
-    from fedcl.models import ModelError
-    from fedcl.plan import plan_run, summary_line
-    from fedcl.shapes import ShapeError
+    from fedcl.plan import plan_run
 
     try:
         plan = plan_run(config)
-    except (ShapeError, ModelError) as err:  # loading the model reports its own errors
-        print(f"plan: not estimated ({err})", file=sys.stderr)
-        return
-    print(summary_line(plan), file=sys.stderr)
+    except (ValueError, OSError):
+        return None
     for warning in plan.warnings:
-        print(f"plan: warning: {warning}", file=sys.stderr)
+        if "unknown" not in warning:  # an unknown free memory is said in the summary line
+            print(f"plan: warning: {warning}", file=sys.stderr)
+    return plan
 
 
 def _preflight_continual(config: Config, client: int) -> None:
