@@ -393,9 +393,10 @@ def render(r: dict) -> list[str]:
                          f"HTTP 500 {e.get('superlink_http_500', 0)}, replies not delivered "
                          f"{e.get('node_replies_not_delivered', 0)}, worker restarts "
                          f"{e.get('node_worker_restarts', 0)}, messages without a worker "
-                         f"{e.get('clientapp_without_worker', 0)}; at most "
-                         f"{d['memory']['clientapps_alive_peak']} ClientApp processes at once, load average "
-                         f"{d['memory']['load_median']:.1f} (median) / {d['memory']['load_peak']:.1f} (peak).")
+                         f"{e.get('clientapp_without_worker', 0)}"
+                         + (f"; at most {d['memory']['clientapps_alive_peak']} ClientApp processes at once, "
+                            f"load average {d['memory']['load_median']:.1f} (median) / "
+                            f"{d['memory']['load_peak']:.1f} (peak)" if "memory" in d else "") + ".")
         if short:
             lines.append(f"- {d['supernodes']} SuperNodes: " + "; ".join(
                 f"round {x['round']} counted {x['replies']} of {d['supernodes']} train replies "
