@@ -103,6 +103,7 @@ def assert_close_lists(got, want, atol=1e-5):
 @pytest.mark.parametrize("kind", ["classification", "instruction"])
 @pytest.mark.parametrize("name, layers, top", [(n, 0, 1) for n in TINY_NAMES]
                          + [(DEEP, 0, 2), (DEEP, 0, 1), (DEEP, 3, 1)])
+@pytest.mark.privacy  # the cache under Opacus: part of `pytest -m privacy` too
 def test_cached_loss_and_per_sample_gradients_match_the_whole_model(name, layers, top, kind):
     config = config_for(name, top, f"model.layers={layers}")
     model, tokenizer = lively_model(config)
@@ -254,6 +255,7 @@ def test_train_local_through_the_cache_matches_the_whole_model():
     assert cached.body.store.hits > 0 and len(cached.body.store) == len(records)
 
 
+@pytest.mark.privacy  # the cache under Opacus: part of `pytest -m privacy` too
 def test_dp_sgd_through_the_cache_matches_the_whole_model():
     # Sample rate 1 and no noise make a DP step deterministic; a small clip makes it
     # depend on every example's own gradient.
