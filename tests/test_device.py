@@ -22,11 +22,11 @@ from fedcl.adapters import adapter_state, load_adapter_state
 from fedcl.client import node
 from fedcl.config import ConfigError, load_config
 from fedcl.models import build_lora_model
-from fedcl.privacy import DPPlan
 from fedcl.privacy.dpsgd import noise_generator, train_private
 from fedcl.session import Shared
 from fedcl.tasks import make_task
 from fedcl.train import evaluate, train_local, trainable_parameters
+from tests.test_privacy import plan  # the DP plan of a test step, one definition
 
 pytestmark = pytest.mark.models
 
@@ -45,12 +45,6 @@ def config_with(*extra):
 def records_of(config, n=6):
     shared = Shared.get(config)
     return shared, data.client_split(config.data, shared.dataset, 0, 1, 0)[0][:n]
-
-
-def plan(**kw) -> DPPlan:
-    base = dict(noise_multiplier=0.0, sample_rate=1.0, expected_batch_size=4, max_grad_norm=1e6,
-                steps_per_round=1, planned_steps=1, delta=1e-5, accountant="rdp", epsilon_cap=math.inf)
-    return DPPlan(**{**base, **kw})
 
 
 @pytest.fixture
