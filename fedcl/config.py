@@ -788,6 +788,9 @@ def _ineffective_reason(config: Config, key: str) -> str | None:
             (name in _CLASSIFICATION_ONLY and d.task != "classification", "data.task is 'instruction'"),
             (name in _INSTRUCTION_ONLY and d.task != "instruction", "data.task is 'classification'"),
         ]
+    elif key == "strategy.weight_cap":
+        rules.append((config.strategy.weighting != "capped",
+                      f'only strategy.weighting = "capped" reads it (it is {config.strategy.weighting!r})'))
     elif key == "lora.frozen_cache":
         rules.append((config.lora.top_layers == 0, "lora.top_layers is 0 (no frozen layers to cache)"))
     elif key == "train.micro_batch_size":

@@ -304,3 +304,13 @@ def test_settings_that_take_effect_are_not_warned(tmp_path, caplog):
             "--set", "train.micro_batch_size=4", "--set", "data.partition=dirichlet", "--set", "data.alpha=0.3",
             "--strategy", "fedprox", "--set", "strategy.proximal_mu=0.1")
     assert warnings_of(caplog, "fedcl.config") == []
+
+
+def test_weight_cap_is_warned_only_when_weighting_does_not_read_it(tmp_path, caplog):
+    resolve(tmp_path, "--set", "strategy.weighting=reported", "--set", "strategy.weight_cap=2")
+    warned = warnings_of(caplog, "fedcl.config")
+    assert len(warned) == 1 and warned[0].startswith("strategy.weight_cap is set but has no effect")
+    assert "'reported'" in warned[0]
+    caplog.clear()
+    resolve(tmp_path, "--set", "strategy.weight_cap=2")  # the default weighting, "capped", reads it
+    assert warnings_of(caplog, "fedcl.config") == []
