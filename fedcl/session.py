@@ -194,10 +194,11 @@ class GlobalEvaluator:
         """The global state before round 1 (for most strategies the seeded adapter)."""
         return self.layout.initial_global(self.shared.initial_state)
 
-    def evaluate(self, state: dict) -> dict:
-        """The global `state` on the test split (binary with a positive class: at the validation's threshold)."""
+    def evaluate(self, state: dict, *, progress=None) -> dict:
+        """The global `state` on the test split (binary with a positive class: at the validation's
+        threshold); `progress(done, total)` as `fedcl.train.evaluate` calls it, for the test split."""
         if not self.validation:
-            return self.evaluate_records(state, self.test)
+            return self.evaluate_records(state, self.test, progress=progress)
         self.layout.load(self.shared.model, state, self.shared.initial_state, source="global adapter")
         train_cfg = self.config.train
         chosen = evaluate(self.shared.model, self.shared.task, self.validation, train_cfg, self.config.model)
@@ -205,7 +206,8 @@ class GlobalEvaluator:
         source = "validation" if threshold is not None else "train.threshold"
         threshold = train_cfg.threshold if threshold is None else threshold
         report = evaluate(self.shared.model, self.shared.task, self.test,
-                          dataclasses.replace(train_cfg, threshold=threshold), self.config.model)
+                          dataclasses.replace(train_cfg, threshold=threshold), self.config.model,
+                          progress=progress)
         positive = report[keys.PER_CLASS].get(train_cfg.positive_label, {})
         del report[keys.THRESHOLD_AT_PRECISION]  # chosen on the test split: never reported as a threshold
         report.update({keys.THRESHOLD: threshold, keys.THRESHOLD_SOURCE: source,
@@ -215,10 +217,11 @@ class GlobalEvaluator:
                        keys.RECALL_AT_THRESHOLD: positive.get("recall", 0.0)})
         return report
 
-    def evaluate_records(self, state: dict, records: list) -> dict:
+    def evaluate_records(self, state: dict, records: list, *, progress=None) -> dict:
         """The global `state` scored on `records` (e.g. one continual task's test split)."""
         self.layout.load(self.shared.model, state, self.shared.initial_state, source="global adapter")
-        return evaluate(self.shared.model, self.shared.task, records, self.config.train, self.config.model)
+        return evaluate(self.shared.model, self.shared.task, records, self.config.train, self.config.model,
+                        progress=progress)
 
     def save(self, state: dict, target) -> None:
         self.layout.save(self.shared.model, state, target)

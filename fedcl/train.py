@@ -129,8 +129,10 @@ def predict(task: ClassificationTask, probs: torch.Tensor, train_cfg: TrainConfi
 
 
 @torch.no_grad()
-def evaluate(model, task, records: list, train_cfg: TrainConfig, model_cfg: ModelConfig) -> dict:
-    """Accuracy figures (classification) or loss/perplexity (instruction) on `records`."""
+def evaluate(model, task, records: list, train_cfg: TrainConfig, model_cfg: ModelConfig, *,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    """Accuracy figures (classification) or loss/perplexity (instruction) on `records`;
+    `progress(done, total)` after each batch (a server's evaluation can take minutes)."""
     model.eval()
     if not records:
         # The same figures as a scored set, at zero: a client without evaluation records
@@ -141,7 +143,11 @@ def evaluate(model, task, records: list, train_cfg: TrainConfig, model_cfg: Mode
         return metrics.language_model_report(0.0, 0, 0)
     total_loss, total_tokens, y_true, y_pred, positive_scores = 0.0, 0, [], [], []
     pos = positive_index(task, train_cfg) if isinstance(task, ClassificationTask) else None
+    done = 0
     for chunk in _chunks(records, train_cfg.eval_batch_size):
+        if progress is not None and done:
+            progress(done, len(records))
+        done += len(chunk)
         batch: Batch = task.encode(chunk)
         with autocast(model_cfg):
             if isinstance(task, ClassificationTask):

@@ -82,13 +82,14 @@ def main(grid: Grid, context: Context) -> None:
         started = time.perf_counter()
         if server_round == 0:
             if done == 0:
-                metrics[keys.INITIAL_EVAL] = evaluator.evaluate(arrays_to_state(arrays))
+                metrics[keys.INITIAL_EVAL] = evaluator.evaluate(arrays_to_state(arrays),
+                                                                progress=progress.evaluating(0))
                 if continual is not None:
                     continual.before_round_one(arrays_to_state(arrays))
                 progress.initial(metrics[keys.INITIAL_EVAL])
             return None
         state = arrays_to_state(arrays)
-        result = evaluator.evaluate(state)
+        result = evaluator.evaluate(state, progress=progress.evaluating(run_round))
         evaluator.save(state, run_dir.adapter_dir(run_round))
         record = strategy.records.pop(run_round, {keys.ROUND: run_round})
         record[keys.EVAL] = result

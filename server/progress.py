@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 from tqdm.auto import tqdm
 
@@ -22,6 +23,20 @@ class RoundProgress:
     def __init__(self, total: int, done: int):
         self.bar = tqdm(total=total, initial=done, desc="rounds", unit="round", file=sys.stderr,
                         dynamic_ncols=True)
+
+    def evaluating(self, server_round: int, every: float = 30.0):
+        """A `progress(done, total)` for the server's evaluation before `server_round` is
+        committed: one line at most every `every` seconds, so a long evaluation is not silent."""
+        started = last = time.monotonic()
+
+        def report(done: int, total: int) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= every:
+                last = now
+                self.bar.write(f"server | round {server_round} | evaluating: {done} of {total} records "
+                               f"({now - started:.0f} s)")
+        return report
 
     def initial(self, ev: dict) -> None:
         self.bar.write(f"server | round 0 | {_headline(ev)}")

@@ -253,3 +253,25 @@ def test_target_precision_must_be_a_precision():
     for bad in ("0", "1.5", "nan"):
         with pytest.raises(ConfigError, match="train.target_precision"):
             load_config(None, [f"train.target_precision={bad}"])
+
+
+def test_evaluation_reports_progress_per_batch_and_the_same_figures(tiny):
+    config, model, tokenizer = tiny
+    task = make_task("classification", tokenizer, ["no", "yes"], config.data, config.model, config.train)
+    recs, calls = records(10), []
+    train_cfg = config.train.__class__(**{**config.train.__dict__, "eval_batch_size": 4})
+    quiet = evaluate(model, task, recs, train_cfg, config.model)
+    told = evaluate(model, task, recs, train_cfg, config.model, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(4, 10), (8, 10)]  # after each batch but the last (the report follows it)
+    assert told["accuracy"] == quiet["accuracy"] and told["loss"] == pytest.approx(quiet["loss"])
+
+
+def test_the_servers_evaluation_progress_writes_a_line_naming_the_round(capsys):
+    from fedcl.server.progress import RoundProgress
+
+    bar = RoundProgress(3, 0)
+    report = bar.evaluating(2, every=0.0)
+    report(64, 1000)
+    bar.close()
+    written = capsys.readouterr()
+    assert "server | round 2 | evaluating: 64 of 1000 records" in written.out + written.err
