@@ -9,6 +9,8 @@
   loopback behind the Fleet gateway (`fleet_gateway`, nodes) and the mutual-TLS
   control proxy (`control_proxy`, operators; `fedcl deploy control-tunnel` is the
   operator's end).
+- `fedcl.ops.deploy.node`: `fedcl deploy node`, an institution's SuperNode with its
+  long-lived worker (model kept loaded) next to it.
 
 `fedcl deploy` is the command-line entry; its parser lives here so that
 `ops/cli.py` only registers it.
@@ -41,6 +43,17 @@ def add_parser(sub) -> None:
     operator.add_argument("--out", metavar="DIR", required=True)
     operator.add_argument("--name", required=True)
     _add_coordinator_parsers(cmds)
+    node = cmds.add_parser("node", help="an institution's SuperNode with its worker (model kept loaded)",
+                           usage="fedcl deploy node [--worker-log FILE] [--worker-timeout S] "
+                           "-- FLOWER-SUPERNODE-FLAGS...",
+                           description="Start the node's worker for the node config's state-dir, "
+                           "then flower-supernode (SuperLink HTTP 500s retried) with "
+                           "worker=<state-dir>/worker.sock added to --node-config.")
+    node.add_argument("--worker-log", metavar="FILE", help="the worker's log (default: STATE-DIR/worker.log)")
+    node.add_argument("--worker-timeout", metavar="S", type=float, default=60.0,
+                      help="how long to wait for the worker's socket (default: 60)")
+    node.add_argument("supernode_flags", nargs="*", metavar="FLOWER-SUPERNODE-FLAGS",
+                      help="after --: flower-supernode's own flags, one --node-config among them")
     app = cmds.add_parser("stage-app", help="copy the Flower app's sources into DIR for `flwr run DIR`",
                           description="`flwr run .` walks every file under the folder (.venv "
                           "included) before filtering; a staged copy builds the bundle in seconds.")
@@ -118,6 +131,15 @@ def cmd_deploy(args) -> int:
 
     if args.deploy_command in ("coordinator", "control-tunnel"):
         return _run_coordinator_command(args)
+    if args.deploy_command == "node":
+        from fedcl.ops.deploy.node import NodeError, run_node
+        from fedcl.ops.preflight import UsageError
+
+        try:
+            return run_node(args.supernode_flags, worker_log=Path(args.worker_log) if args.worker_log else None,
+                            worker_timeout=args.worker_timeout)
+        except NodeError as err:
+            raise UsageError(str(err)) from None
     if args.deploy_command == "operator":
         from fedcl.ops.deploy.certs import DeployFiles
 
