@@ -1,0 +1,184 @@
+"""The DP recipe at institution scale: configs/dp-icd10.toml and configs/dp-cfpb.toml against
+the same federation without DP, at other epsilons, non-IID and centralised (issue 14).
+
+    .venv/bin/python -m bench.dp_recipe --dataset icd10 --rows nodp,eps3
+    .venv/bin/python -m bench.dp_recipe --dataset cfpb --rows nodp --parallel 1
+    .venv/bin/python -m bench.dp_recipe --dataset icd10 --rows eps8 --seeds 0,1
+    .venv/bin/python -m bench.dp_recipe --quick --rows nodp,eps8   # the script itself, tiny model
+
+Every row is the shipped recipe (5 clients, SmolLM2-135M with its 30 layers, LoRA in the
+top 2, logical batch 256, 10 steps x 5 rounds, each client's validation split held out of
+its training records) with one change, named in the row's `overrides`:
+
+- `nodp`: privacy off; the same batch, steps and learning rate (so the same compute);
+- `eps1`, `eps3`, `eps8`: sample-level DP-SGD at that epsilon over the whole run;
+- `dirichlet-nodp`, `dirichlet-eps8`: labels split Dirichlet(0.5) over the clients;
+- `central-nodp`: one client holding every training record, 5 x 10 steps a round (the
+  federation's optimiser steps and examples together).
+
+Each run is the real ServerApp and ClientApp driven in one process (`fedcl.ops.run.
+run_inprocess`, clients one after another, one torch thread), one subprocess per run,
+`--parallel` at a time; every run has fresh run and state folders, so every privacy
+ledger starts at zero. Building the frozen layers' states of every record costs the
+first run of a partition most of its time (about 4 minutes per ICD client on one
+core): the rows of one partition (same clients, split and seed) share them, copied
+from the first finished run's node state folders (`frozen-states.fedcl`, checked by
+its fingerprint) into each later run's; a row's `seeded_cache` says whether it had
+them. Learning rate: the recipe's, not tuned (the rows' validation figures are
+reported so a choice can be made on them). Results are written after every run to
+bench/results/dp_recipe.json, merged by (dataset, row, seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+RESULT = "dp_recipe.json"
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = {"icd10": ("configs/dp-icd10.toml", "icd10-chapters"),
+           "cfpb": ("configs/dp-cfpb.toml", "cfpb-complaints")}
+CLIENTS, LOCAL_STEPS = 5, 10
+ROWS = {
+    "nodp": ["privacy.target_epsilon=0"],
+    "eps1": ["privacy.target_epsilon=1"],
+    "eps3": ["privacy.target_epsilon=3"],
+    "eps8": ["privacy.target_epsilon=8"],
+    "dirichlet-nodp": ["privacy.target_epsilon=0", "data.partition=dirichlet", "data.alpha=0.5"],
+    "dirichlet-eps8": ["privacy.target_epsilon=8", "data.partition=dirichlet", "data.alpha=0.5"],
+    "central-nodp": ["privacy.target_epsilon=0", "federation.clients=1",
+                     f"train.local_steps={CLIENTS * LOCAL_STEPS}"],
+}
+CACHE_FILE = "frozen-states.fedcl"
+# --quick: the script itself checked in a minute (tiny model, few records, one round).
+QUICK = ["model.name=tiny-llama", "data.max_records=300", "data.max_test_records=40", "federation.rounds=1",
+         "train.local_steps=2", "train.batch_size=32", "train.micro_batch_size=16", "lora.top_layers=1"]
+
+
+def partition_of(row: str, seed: int) -> str:
+    """Rows with the same clients' records share their frozen states."""
+    kind = "central" if row.startswith("central") else "dirichlet" if row.startswith("dirichlet") else "iid"
+    return f"{kind}-seed{seed}"
+
+
+def worker(spec: dict, work: Path) -> dict:
+    """One federation in this process; its summary."""
+    import torch
+
+    from fedcl.config import load_config
+    from fedcl.ops.run import run_inprocess
+
+    torch.set_num_threads(1)
+    config_file, dataset = CONFIGS[spec["dataset"]]
+    overrides = [f"data.dataset={dataset}", f"train.seed={spec['seed']}", *ROWS[spec["row"]],
+                 *(QUICK if spec.get("quick") else [])]
+    config = load_config(REPO / config_file, overrides + [f"run.out_dir={work / 'run'}",
+                                                          f"run.state_dir={work / 'state'}"])
+    started = time.perf_counter()
+    run_inprocess(config)
+    seconds = time.perf_counter() - started
+    metrics = json.loads((work / "run" / "metrics.json").read_text())
+    last = metrics["rounds"][-1]
+    privacy = metrics.get("privacy", {})
+    return {**spec, "config": config_file, "overrides": overrides, "seconds": round(seconds, 1),
+            "accuracy": last["eval"]["accuracy"], "macro_f1": last["eval"]["macro_f1"],
+            "majority": last["eval"]["majority_baseline"], "test_records": last["eval"]["num_examples"],
+            "initial_accuracy": metrics.get("initial_eval", {}).get("accuracy"),
+            "accuracy_per_round": [r["eval"]["accuracy"] for r in metrics["rounds"]],
+            "validation_accuracy": last.get("federated_eval", {}).get("accuracy"),
+            "validation_macro_f1": last.get("federated_eval", {}).get("macro_f1"),
+            "round_seconds": [r.get("round_seconds") for r in metrics["rounds"]],
+            "max_client_epsilon": privacy.get("max_client_epsilon", 0.0),
+            "client_epsilons": {k: v["epsilon"] for k, v in privacy.get("clients", {}).items()}}
+
+
+def _seed_cache(pool: Path, state: Path) -> bool:
+    files = sorted(pool.glob(f"client-*/{CACHE_FILE}"))
+    for f in files:
+        (state / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, state / f.parent.name / CACHE_FILE)
+    return bool(files)
+
+
+def _keep_cache(state: Path, pool: Path) -> None:
+    if any(pool.glob(f"client-*/{CACHE_FILE}")):
+        return
+    for f in state.glob(f"client-*/{CACHE_FILE}"):
+        (pool / f.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, pool / f.parent.name / CACHE_FILE)
+
+
+def run_one(spec: dict, root: Path) -> dict:
+    work = root / f"{spec['dataset']}-{spec['row']}-seed{spec['seed']}"
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "state").mkdir(parents=True)
+    pool = root / "pool" / spec["dataset"] / partition_of(spec["row"], spec["seed"])
+    seeded = _seed_cache(pool, work / "state")
+    log = work / "log.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with log.open("w") as out:
+        code = subprocess.call([sys.executable, "-m", "bench.dp_recipe", "--worker", json.dumps(spec),
+                                "--work", str(work)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if code:
+        return {**spec, "error": f"exit {code}; log {log}"}
+    _keep_cache(work / "state", pool)
+    result = json.loads((work / "result.json").read_text())
+    return {**result, "seeded_cache": seeded, "load_after": os.getloadavg()[0]}
+
+
+def save(rows: list[dict]) -> None:
+    path = RESULTS / RESULT
+    old = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    key = lambda r: (r["dataset"], r["row"], r["seed"])  # noqa: E731
+    merged = {key(r): r for r in old["rows"]}
+    merged.update({key(r): r for r in rows})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"how": __doc__.split("\n\n")[2].strip(), "rows": list(merged.values())},
+                              indent=2) + "\n")
+    tmp.replace(path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", choices=sorted(CONFIGS), default="icd10")
+    ap.add_argument("--rows", default="nodp,eps8", help=f"comma-separated, of {', '.join(ROWS)}")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--parallel", type=int, default=1)
+    ap.add_argument("--root", default="/tmp/fedcl-dp-recipe", help="run folders and the shared states")
+    ap.add_argument("--quick", action="store_true", help="check the script: tiny model, results not saved")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        result = worker(json.loads(args.worker), Path(args.work))
+        (Path(args.work) / "result.json").write_text(json.dumps(result))
+        return 0
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        ap.error(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    specs = [{"dataset": args.dataset, "row": r, "seed": int(s), **({"quick": True} if args.quick else {})}
+             for s in args.seeds.split(",") for r in rows]
+    root, done = Path(args.root), []
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        futures = [pool.submit(run_one, spec, root) for spec in specs]
+        for future in as_completed(futures):
+            result = future.result()
+            done.append(result)
+            if not args.quick:
+                save(done)
+            print(json.dumps({k: result.get(k) for k in ("dataset", "row", "seed", "accuracy", "macro_f1",
+                                                         "max_client_epsilon", "seconds", "error")}), flush=True)
+    return 0 if all("error" not in r for r in done) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
