@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -43,7 +44,7 @@ def log(message: str) -> None:
 
 
 def sh(*args: str, check: bool = True, timeout: float = 300, env: dict | None = None) -> str:
-    done = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, env=env)
+    done = subprocess.run(list(args), check=False, capture_output=True, text=True, timeout=timeout, env=env)
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     return done.stdout
@@ -126,10 +127,14 @@ def checkpoint_round(compose: Compose) -> int:
         return 0
 
 
+def container_log(cid: str) -> str:
+    done = subprocess.run(["docker", "logs", cid], check=False, capture_output=True, text=True, timeout=60)
+    return done.stdout + done.stderr
+
+
 def received_train(cid: str) -> int:
     """How many train messages the SuperNode in the container has logged receiving."""
-    done = subprocess.run(["docker", "logs", cid], capture_output=True, text=True, timeout=60)
-    return (done.stdout + done.stderr).count("Receiving: train message")
+    return container_log(cid).count("Receiving: train message")
 
 
 def wait(condition, *, timeout: float, what: str, interval: float = 2.0) -> float:
@@ -166,14 +171,38 @@ def check_no_secrets(images: list[str], base: str = "fedcl-base:bookworm") -> di
 
 
 def run_federation(compose: Compose, work: Path, args) -> dict:
+    """Up, a run with one node killed and restarted, then the checks; committed as version
+    v0001 of an adapter registry the way `fedcl update --deployment` commits one."""
     sys.path.insert(0, str(REPO))
+    from fedcl.config import Config
+    from fedcl.ops.update import run_deployed_update
+
+    home, result = bring_up(compose, work)
+    settings = run_config(args.rounds, args.timeout)
+    # The registry job's config: the run's settings, the coordinator's evaluation file as this
+    # host sees it (its fingerprint is the version's "test" one).
+    base = Config().replace({**{k: v for k, v in settings.items() if k != "config"},
+                             "data.path": str(work / "server-data" / "server.jsonl")}, source="docker e2e")
+
+    def submit(config) -> None:  # run_deployed_update's federation: the containers'
+        result.update(run_with_a_kill(compose, home, work, settings, args))
+        target = Path(config.run.out_dir)
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        sh("docker", "cp", f"{compose.container('superlink')}:{RUN_DIR}", str(target))
+
+    record = run_deployed_update(base, work / "registry", submit=submit, log=log)
+    result.update(check_nodes(compose, work, result["replies_by_round"], args.rounds))
+    result["registry"] = check_registry(record, work, base, args.rounds)
+    return result
+
+
+def bring_up(compose: Compose, work: Path) -> tuple[Path, dict]:
     from fedcl.ops.deploy import launch as L
     from fedcl.ops.deploy.certs import DeployFiles
-    from fedcl.privacy.ledger import LEDGER_FILE, PrivacyLedger
 
     files, home = DeployFiles(work / "keys"), work / "flwr-home"
     home.mkdir()
-    timings = {}
     t0 = time.monotonic()
     compose("up", "-d", "superlink")
     wait(lambda: all(L._port_open("127.0.0.1", p) for p in PORTS[:3]), timeout=180,
@@ -182,15 +211,22 @@ def run_federation(compose: Compose, work: Path, args) -> dict:
     for name in INSTITUTIONS:
         L.register_node(files, name, CONNECTION, home)
     compose("up", "-d", timeout=600)
-    timings["up_s"] = wait(lambda: L.online_nodes(CONNECTION, home) == 3, timeout=180,
-                           what="three SuperNodes online") + time.monotonic() - t0
-    log(f"SuperLink and three institutions up in {timings['up_s']:.0f} s")
+    up = wait(lambda: L.online_nodes(CONNECTION, home) == 3, timeout=180,
+              what="three SuperNodes online") + time.monotonic() - t0
+    log(f"SuperLink and three institutions up in {up:.0f} s")
+    return home, {"up_s": up}
+
+
+def run_with_a_kill(compose: Compose, home: Path, work: Path, settings: dict, args) -> dict:
+    """Submit the run, `docker kill` --kill once its train message of --kill-round arrived,
+    `docker start` it 5 s later, wait for the run to finish; check its metrics."""
+    from fedcl.ops.deploy import launch as L
 
     app = L.stage_app(REPO, work / "app")
     started = time.monotonic()
-    run_id = L.submit_run(app, CONNECTION, run_config(args.rounds, args.timeout), home)
+    load_at_submit = os.getloadavg()[0]
+    run_id = L.submit_run(app, CONNECTION, settings, home)
     log(f"run {run_id} submitted: {args.rounds} rounds")
-    # Kill one institution mid-round: once its train message of --kill-round arrived.
     victim = compose.container(args.kill)
     wait(lambda: checkpoint_round(compose) >= args.kill_round - 1, timeout=args.run_timeout,
          what=f"round {args.kill_round - 1} to commit")
@@ -210,8 +246,8 @@ def run_federation(compose: Compose, work: Path, args) -> dict:
             raise TimeoutError(f"run {run_id} not finished after {args.run_timeout} s")
         time.sleep(5)
         status = L.run_status(run_id, CONNECTION, home)
-    timings["run_s"] = time.monotonic() - started
-    log(f"run {run_id}: {status} in {timings['run_s']:.0f} s")
+    run_s = time.monotonic() - started
+    log(f"run {run_id}: {status} in {run_s:.0f} s")
 
     link = compose.container("superlink")
     metrics = json.loads(sh("docker", "exec", link, "cat", f"{RUN_DIR}/metrics.json"))
@@ -223,9 +259,18 @@ def run_federation(compose: Compose, work: Path, args) -> dict:
         raise RuntimeError(f"replies by round {ids}: expected at least two, and all three in the "
                            f"last round after {args.kill} came back")
     sh("docker", "exec", link, "test", "-f", f"{RUN_DIR}/adapters/round-{args.rounds}/adapter_model.safetensors")
+    return {"run_id": run_id, "status": status, "rounds": args.rounds, "killed": args.kill,
+            "killed_in_round": killed_in, "replies_by_round": ids,
+            "round_seconds": [r.get("seconds") for r in metrics["rounds"]], "run_s": run_s,
+            "load_1min_during_run": [load_at_submit, os.getloadavg()[0]]}  # at submit, at the end
 
-    # The killed node's ledger, out of its state volume, through the project's checked loader.
-    ledgers = {}
+
+def check_nodes(compose: Compose, work: Path, ids: list[list[int]], rounds: int) -> dict:
+    """Each node's ledger (out of its state volume, through the checked loader) charges every
+    round it replied in; its worker handled its messages."""
+    from fedcl.privacy.ledger import LEDGER_FILE, PrivacyLedger
+
+    ledgers, workers = {}, {}
     for i, name in enumerate(INSTITUTIONS):
         target = work / "state" / name
         target.parent.mkdir(exist_ok=True)
@@ -237,13 +282,45 @@ def run_federation(compose: Compose, work: Path, args) -> dict:
         charged = sorted(e["round"] for e in ledger.entries)
         ledgers[name] = {"entries": len(ledger.entries), "rounds": charged,
                          "epsilon": ledger.entries[-1]["epsilon"] if ledger.entries else 0.0}
-        replied = [r["round"] for r, got in zip(metrics["rounds"], ids) if i in got]
+        replied = [r for r, got in zip(range(1, rounds + 1), ids) if i in got]
         if not set(replied) <= set(charged):
             raise RuntimeError(f"{name}: replied in rounds {replied} but its ledger charges {charged}")
+        workers[name] = worker_messages(target / "worker.log", compose.container(name), len(replied))
     log(f"ledgers load and cover every reply: {ledgers}")
-    return {"run_id": run_id, "status": status, "rounds": args.rounds, "killed": args.kill,
-            "killed_in_round": killed_in, "replies_by_round": ids, "ledgers": ledgers,
-            "round_seconds": [r.get("seconds") for r in metrics["rounds"]], **timings}
+    log(f"every message handled by the node's worker: {workers}")
+    return {"ledgers": ledgers, "workers": workers}
+
+
+def check_registry(record: dict, work: Path, base, rounds: int) -> dict:
+    """The committed version: every round, the epsilon spent, and each node's fingerprint
+    equal to that of the file this host wrote for it (no data left the nodes, only hashes)."""
+    from fedcl import data
+
+    want = {f"node {i}": data.fingerprint(data.load_records(str(work / "data" / f"{name}.jsonl"), base.data))
+            for i, name in enumerate(INSTITUTIONS)}
+    got = {k: v for k, v in record["data_fingerprints"].items() if k.startswith("node ")}
+    if record["version"] != "v0001" or record["rounds"] != rounds or got != want:
+        raise RuntimeError(f"registry version {record.get('version')}: rounds {record.get('rounds')} "
+                           f"(want {rounds}), node fingerprints {got} (want {want})")
+    log(f"registry {record['version']}: {rounds} rounds, epsilon {record['epsilon']}, "
+        "each node's data fingerprint matches its file")
+    return {"version": record["version"], "rounds": record["rounds"], "epsilon": record["epsilon"],
+            "metrics_new": record["metrics"]["new"]}
+
+
+def worker_messages(log_file: Path, cid: str, replies: int) -> dict:
+    """The node's worker (`fedcl deploy node`) handled its messages: at least one train line
+    per reply in its log (/state/worker.log), and no ClientApp of the node fell back to
+    loading the model itself."""
+    # "node worker | run R | train | message M | 3.21 s" (client/worker.py's line per message)
+    lines = re.findall(r"^node worker \| run \S+ \| (\w+) \| message \S+ \| ([\d.]+) s$",
+                       log_file.read_text(), flags=re.MULTILINE)
+    seconds = {kind: [float(t) for k, t in lines if k == kind] for kind in ("train", "evaluate")}
+    fallbacks = container_log(cid).count("not reachable after")
+    if len(seconds["train"]) < replies or fallbacks:
+        raise RuntimeError(f"{log_file}: {len(seconds['train'])} train messages for {replies} replies, "
+                           f"{fallbacks} ClientApps without the worker")
+    return {kind: {"messages": len(v), "max_s": max(v, default=0.0)} for kind, v in seconds.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
