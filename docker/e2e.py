@@ -359,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         for service in ["superlink", *INSTITUTIONS]:
             print(f"--- {service} (last lines)\n{compose('logs', '--tail', '40', service, check=False)}")
     finally:  # also on SIGTERM / Ctrl-C, which end the run right after this
+        save_logs(compose, args.work / "logs")
         left = compose.down()
         shutil.rmtree(args.work / "keys", ignore_errors=True)  # private keys: not kept
         if any(left.values()):
@@ -374,6 +375,16 @@ def main(argv: list[str] | None = None) -> int:
         build = json.loads(args.timings.read_text()) if args.timings and args.timings.exists() else {}
         write_result(args.out, {"build": build, "e2e": result})
     return 0
+
+
+def save_logs(compose: Compose, folder: Path) -> None:
+    """Every service's whole log (both lives of the killed one) into the run's folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for service in ["superlink", *INSTITUTIONS]:
+        try:
+            (folder / f"{service}.log").write_text(compose("logs", "--no-color", service, check=False))
+        except (OSError, subprocess.SubprocessError) as err:  # the clean-up must still run
+            print(f"logs of {service} not saved: {err}", file=sys.stderr)
 
 
 def _free(port: int) -> bool:
