@@ -97,6 +97,10 @@ def run_on_ray(config: Config, *, client_app: ClientApp, server_app: ServerApp) 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    # Ray starts its workers at nice 15, and the virtual clients' training is the run's
+    # work: on a shared machine any other process took the cores from them (a DP run's
+    # clients got 36% of a core each beside one busy process). Same priority as the server.
+    os.environ.setdefault("RAY_worker_niceness", "0")
 
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
