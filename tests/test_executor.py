@@ -110,3 +110,27 @@ def test_one_executor_process_serves_every_message_and_outlives_a_refused_task(t
         assert all("FabMismatch" in state and "client/node.py" in state for *_, state in tasks if state != "ok")
     assert (logs / "hospital-a-worker.log").read_text().count("| train | message") == 1
     assert not (logs / "hospital-b-worker.log").exists()
+
+
+@pytest.mark.parametrize("flags, isolation, port", [
+    (["--superlink", "h:9093"], ["--isolation", "process"], 9094),
+    (["--port", "9101", "--isolation", "process"], [], 9101),
+    (["--port=9102"], ["--isolation", "process"], 9102),
+])
+def test_deploy_node_executor_runs_the_supernode_in_process_isolation(flags, isolation, port):
+    from fedcl.ops.deploy.node import executor_flags
+
+    assert executor_flags(flags) == (flags + isolation, port)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--isolation", "subprocess"], "leave --isolation out"),
+    (["--host", "0.0.0.0"], "on 127.0.0.1 without TLS"),
+    (["--ssl-certfile", "x.crt"], "Runtime API's --ssl-\\* flags"),
+    (["--port", "nine"], "--port nine: not a port number"),
+])
+def test_deploy_node_executor_refuses_flags_it_cannot_serve(flags, message):
+    from fedcl.ops.deploy.node import NodeError, executor_flags
+
+    with pytest.raises(NodeError, match=message):
+        executor_flags(flags)

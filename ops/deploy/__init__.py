@@ -45,6 +45,7 @@ def add_parser(sub) -> None:
     _add_coordinator_parsers(cmds)
     node = cmds.add_parser("node", help="an institution's SuperNode with its worker (model kept loaded)",
                            usage="fedcl deploy node [--worker-log FILE] [--worker-timeout S] "
+                           "[--executor [--executor-log FILE]] "
                            "-- FLOWER-SUPERNODE-FLAGS...",
                            description="Start the node's worker for the node config's state-dir, "
                            "then flower-supernode (SuperLink HTTP 500s retried) with "
@@ -52,6 +53,10 @@ def add_parser(sub) -> None:
     node.add_argument("--worker-log", metavar="FILE", help="the worker's log (default: STATE-DIR/worker.log)")
     node.add_argument("--worker-timeout", metavar="S", type=float, default=60.0,
                       help="how long to wait for the worker's socket (default: 60)")
+    node.add_argument("--executor", action="store_true",
+                      help="the SuperNode in --isolation process, one long-lived executor serving every "
+                      "message (fedcl.client.executor) instead of a ClientApp process per message")
+    node.add_argument("--executor-log", metavar="FILE", help="the executor's log (default: STATE-DIR/executor.log)")
     node.add_argument("supernode_flags", nargs="*", metavar="FLOWER-SUPERNODE-FLAGS",
                       help="after --: flower-supernode's own flags, one --node-config among them")
     app = cmds.add_parser("stage-app", help="copy the Flower app's sources into DIR for `flwr run DIR`",
@@ -137,7 +142,8 @@ def cmd_deploy(args) -> int:
 
         try:
             return run_node(args.supernode_flags, worker_log=Path(args.worker_log) if args.worker_log else None,
-                            worker_timeout=args.worker_timeout)
+                            worker_timeout=args.worker_timeout, executor=args.executor,
+                            executor_log=Path(args.executor_log) if args.executor_log else None)
         except NodeError as err:
             raise UsageError(str(err)) from None
     if args.deploy_command == "operator":

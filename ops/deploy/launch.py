@@ -85,12 +85,21 @@ def worker_command(state_dir: Path) -> list[str]:
     return ["python", "-m", "fedcl.client.worker", "--state-dir", str(state_dir)]
 
 
+def executor_command(runtime_port: int) -> list[str]:
+    """The node's long-lived ClientApp executor (`fedcl.client.executor`), serving the tasks of
+    a SuperNode started with `--isolation process` on its Runtime API (127.0.0.1, plain HTTP)."""
+    return ["python", "-m", "fedcl.client.executor", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+            "--insecure"]
+
+
 def supernode_command(files: DeployFiles, institution: str, *, superlink: str, runtime_port: int,
                       data_file: Path, state_dir: Path, partition_id: int,
-                      root_certificates: Path | None = None, worker: Path | None = None) -> list[str]:
+                      root_certificates: Path | None = None, worker: Path | None = None,
+                      isolation: str = "subprocess") -> list[str]:
     """`runtime_port`: the node's own ClientApp runtime API (127.0.0.1, default 9094), which
-    must differ between SuperNodes sharing a machine."""
-    return ["flower-supernode", "--superlink", superlink,
+    must differ between SuperNodes sharing a machine. `isolation="process"`: the SuperNode
+    starts no ClientApp processes; an executor serves its tasks (`executor_command`)."""
+    return ["flower-supernode", "--superlink", superlink, *(["--isolation", isolation] if isolation != "subprocess" else []),
             "--root-certificates", str(root_certificates or files.ca_cert),
             "--auth-supernode-private-key", str(files.node_key(institution)),
             "--port", str(runtime_port),
@@ -299,10 +308,12 @@ def start_coordinator(files: DeployFiles, *, database: Path, log: Path, superlin
 def start_supernode(files: DeployFiles, institution: str, *, superlink: str, runtime_port: int,
                     data_file: Path, state_dir: Path, partition_id: int, log: Path,
                     flwr_home: Path | None = None, root_certificates: Path | None = None,
-                    worker: bool = False) -> Launched:
+                    worker: bool = False, executor: bool = False) -> Launched:
     """`worker`: start the node's worker first (log: `<log>-worker.log`), which keeps the
     model loaded between messages; the SuperNode's ClientApps hand it each message.
-    It is stopped with the SuperNode."""
+    `executor`: the SuperNode in `--isolation process`, with one long-lived executor
+    (log: `<log>-executor.log`) running every ClientApp message instead of a process
+    each. Both are stopped with the SuperNode."""
     state_dir.mkdir(parents=True, exist_ok=True)
     companion, socket_file = None, None
     if worker:
@@ -315,12 +326,18 @@ def start_supernode(files: DeployFiles, institution: str, *, superlink: str, run
                  interval=0.2)
     command = supernode_command(files, institution, superlink=superlink, runtime_port=runtime_port,
                                 data_file=data_file, state_dir=state_dir, partition_id=partition_id,
-                                root_certificates=root_certificates, worker=socket_file)
+                                root_certificates=root_certificates, worker=socket_file,
+                                isolation="process" if executor else "subprocess")
     # flower-supernode itself, with a SuperLink's transient HTTP 500 retried (fedcl.ops.deploy.supernode).
     node = launch(institution, ["python", "-m", "fedcl.ops.deploy.supernode", *command[1:]], log=log,
                   flwr_home=flwr_home)
     if companion is not None:
         node.companions.append(companion)
+    if executor:
+        wait_for(lambda: _port_open("127.0.0.1", runtime_port), timeout=60,
+                 what=f"{institution}'s Runtime API on port {runtime_port}", process=node, interval=0.2)
+        node.companions.append(launch(f"{institution}-executor", executor_command(runtime_port),
+                                      log=log.with_name(f"{log.stem}-executor.log"), flwr_home=flwr_home))
     return node
 
 

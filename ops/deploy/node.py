@@ -18,6 +18,11 @@ loading the model there outlasted Flower's 30 s task heartbeat. So this command:
    SuperNode when the worker dies: a node without its worker would load the model per
    message again), and exits with the SuperNode's code.
 
+With `--executor`, the SuperNode runs in `--isolation process` and starts no process per
+message: one long-lived `python -m fedcl.client.executor` (log: DIR/executor.log unless
+--executor-log) serves every message on its Runtime API (`--port`, 127.0.0.1), and is
+stopped with it like the worker.
+
 The institution image's entrypoint (docker/institution.Dockerfile) is this command.
 """
 
@@ -110,6 +115,42 @@ def start_worker(state_dir: Path, *, log: Path, timeout: float) -> Companion:
     return Companion("node worker", proc, log)
 
 
+def executor_flags(flags: list[str]) -> tuple[list[str], int]:
+    """flower-supernode's flags with `--isolation process` added, and its Runtime API port."""
+    from flwr.supercore.constant import SUPERNODE_UVICORN_DEFAULT_PORT
+
+    def value(name: str) -> str | None:
+        for i, flag in enumerate(flags):
+            if flag.startswith(f"{name}="):
+                return flag.split("=", 1)[1]
+            if flag == name and i + 1 < len(flags):
+                return flags[i + 1]
+        return None
+
+    if value("--isolation") not in (None, "process"):
+        raise NodeError(f"--executor runs the SuperNode with --isolation process, but its flags say "
+                        f"--isolation {value('--isolation')}; leave --isolation out")
+    if value("--ssl-certfile") or value("--host") not in (None, "127.0.0.1", "localhost"):
+        raise NodeError("--executor reaches the SuperNode's Runtime API on 127.0.0.1 without TLS; "
+                        "leave out --host and the Runtime API's --ssl-* flags")
+    port = value("--port") or str(SUPERNODE_UVICORN_DEFAULT_PORT)
+    if not port.isdigit():
+        raise NodeError(f"--port {port}: not a port number")
+    return flags + (["--isolation", "process"] if value("--isolation") is None else []), int(port)
+
+
+def start_executor(port: int, *, log: Path) -> Companion:
+    """The node's ClientApp executor (`fedcl.client.executor`); it waits for the SuperNode itself."""
+    from fedcl.ops.deploy.launch import executor_command, flwr_env
+
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, *executor_command(port)[1:]], stdout=out,
+                                stderr=subprocess.STDOUT, env=flwr_env(), start_new_session=True)
+    print(f"fedcl deploy node: node executor {proc.pid} for 127.0.0.1:{port} (log: {log})", flush=True)
+    return Companion("node executor", proc, log)
+
+
 def run_supernode(flags: list[str], companions: list[Companion]) -> int:
     """flower-supernode (HTTP 500s retried) until it exits; signals go to every process."""
     from fedcl.ops.deploy.launch import flwr_env
@@ -145,11 +186,15 @@ def run_supernode(flags: list[str], companions: list[Companion]) -> int:
 
 
 def run_node(supernode_flags: list[str], *, worker_log: Path | None = None,
-             worker_timeout: float = 60.0) -> int:
-    """`fedcl deploy node`: the worker (the node's one companion process), then the SuperNode."""
+             worker_timeout: float = 60.0, executor: bool = False, executor_log: Path | None = None) -> int:
+    """`fedcl deploy node`: the worker (and with `executor` the executor), then the SuperNode."""
     flags, state_dir = node_flags(supernode_flags)
-    worker = start_worker(state_dir, log=worker_log or state_dir / "worker.log", timeout=worker_timeout)
-    return run_supernode(flags, [worker])
+    if executor:
+        flags, port = executor_flags(flags)  # bad flags refused before anything starts
+    companions = [start_worker(state_dir, log=worker_log or state_dir / "worker.log", timeout=worker_timeout)]
+    if executor:
+        companions.append(start_executor(port, log=executor_log or state_dir / "executor.log"))
+    return run_supernode(flags, companions)
 
 
 def stop(proc: subprocess.Popen) -> None:
