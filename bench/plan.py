@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.plan            # every case (a few minutes at one thread)
     .venv/bin/python -m bench.plan --quick    # tiny-llama only, to check the script
+    .venv/bin/python -m bench.plan --heap     # the heap probe: glibc's heap against torch's live tensors
 
 Each case runs in a fresh process with one torch thread: it imports
 everything, loads the data and the tokenizer, and reads its resident memory
@@ -14,12 +15,24 @@ a transient of loading the weights (before the reset) is not in it.
 tracemalloc does not see torch's allocations, hence RSS. DP cases use
 micro-batches of train.batch_size rows, so a Poisson batch larger than its
 expectation is processed in passes no larger than the planned one.
-Results are written after every case to bench/results/plan.json.
+DP cases run 6 steps: Poisson batches vary, and the planned pass (the
+micro-batch) must be reached for the peak to be comparable.
+
+`--heap` measures the allocator's share separately, never from the RSS
+figures above: in each case (a fresh process, 3 steps) a dispatch mode reads
+glibc's counters (mallinfo2) and RSS after every aten op: the live peak
+(bytes in use, which is torch's tensors), the heap's high-water mark and RSS
+growth outside the heap (pages of torch's kernels, and on SmolLM2 the weights
+mapped from their file). Results are written after every case to
+bench/results/plan.json ("rows", and "heap" for the probe).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -30,7 +43,7 @@ RESULTS = Path(__file__).parent / "results"
 GOAL = 0.25  # |estimate / measured - 1|
 COMMON = ["model.threads=1", "model.device=cpu", "federation.clients=1", "data.max_records=200",
           "data.eval_fraction=0", "train.local_steps=2", "train.seed=0"]
-DP = ["privacy.noise_multiplier=1.0", "train.micro_batch_size={batch}"]
+DP = ["privacy.noise_multiplier=1.0", "train.micro_batch_size={batch}", "train.local_steps=6"]
 # (model, batch, max_length, extra settings). The tiny models at 8 x 64 are mostly
 # their 33 MB embedding; at 64 x 128 activations dominate.
 CASES = [
@@ -40,6 +53,8 @@ CASES = [
     ("tiny-deepseek-v2", 8, 64, []), ("tiny-deepseek-v3", 8, 64, []), ("tiny-deepseek-v3", 8, 64, DP),
     ("tiny-llama", 64, 128, []), ("tiny-llama", 64, 128, DP),
 ]
+HEAP_CASES = [("tiny-llama", 64, 128, []), ("tiny-llama", 64, 128, DP), ("tiny-qwen2", 64, 128, []),
+              ("tiny-deepseek-v2", 64, 128, []), ("tiny-deepseek-v3", 64, 128, DP), ("smollm2-135m", 8, 64, [])]
 
 
 def _status(field: str) -> int:
@@ -54,8 +69,41 @@ def settings(model: str, batch: int, length: int, extra: list[str]) -> list[str]
         [s.format(batch=batch) for s in extra]
 
 
-def worker(overrides: list[str]) -> dict:
-    """One case in this process: baseline, model, two steps, peak."""
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_watch():
+    """A dispatch mode that keeps, after every aten op, the peaks of glibc's bytes in use
+    (heap and mapped chunks), its heap (arena) and mapped chunks, and RSS, less their start."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = _MallInfo2
+    page = os.sysconf("SC_PAGE_SIZE")
+    statm = open("/proc/self/statm", "rb", buffering=0)
+
+    def now() -> dict:
+        m, _ = libc.mallinfo2(), statm.seek(0)
+        return {"in_use": m.uordblks + m.hblkhd, "heap": m.arena, "mapped": m.hblkhd,
+                "rss": int(statm.read().split()[1]) * page}
+
+    class Watch(TorchDispatchMode):
+        start = now()
+        peaks = {key: 0 for key in start}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for key, value in now().items():
+                self.peaks[key] = max(self.peaks[key], value - self.start[key])
+            return out
+
+    return Watch()
+
+
+def worker(overrides: list[str], heap: bool = False) -> dict:
+    """One case in this process: baseline, model, the steps, peak (with `heap`: the heap probe's peaks)."""
     import torch
 
     torch.set_num_threads(1)
@@ -83,7 +131,9 @@ def worker(overrides: list[str]) -> dict:
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
     dp_plan = sample_plan(config, len(session.train_records)) if plan.dp else None
     start = time.perf_counter()
-    _, result = session.train(session.shared.initial_state, 1, dp_plan=dp_plan)
+    watch = heap_watch() if heap else contextlib.nullcontext()
+    with watch:
+        _, result = session.train(session.shared.initial_state, 1, dp_plan=dp_plan)
     peak = _status("VmHWM")
     # Batches are padded to their longest record: plan at the length the steps ran at.
     # (After the peak: under lora.top_layers encoding computes frozen states.)
@@ -95,55 +145,81 @@ def worker(overrides: list[str]) -> dict:
             "max_length": config.model.max_length, "padded_length": longest, "tokens_seen": result.tokens,
             "steps": result.steps, "seconds": round(time.perf_counter() - start, 2),
             "measured_bytes": peak - baseline, "estimate_bytes": plan.client_bytes,
-            "estimate_parts": plan.memory, "ratio": round(plan.client_bytes / (peak - baseline), 3)}
+            "estimate_parts": plan.memory, "ratio": round(plan.client_bytes / (peak - baseline), 3),
+            **({"heap_peaks": watch.peaks} if heap else {})}
 
 
 def render(rows: list[dict]) -> list[str]:
-    """Table rows; the estimate without and with the CPU allocator's share ("allocator" part)."""
-    lines = ["| model | batch x tokens | DP | top layers | autograd estimate MB | with allocator MB | "
-             "measured MB | with allocator / measured |", "|---|---|---|---|---|---|---|---|"]
+    """Table rows: the live working set the plan counts, its whole estimate, and the measured peak."""
+    lines = ["| model | batch x tokens | DP | top layers | live estimate MB | estimate MB | measured MB | "
+             "estimate / measured |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {' '.join(r['settings'])} | error: {r['error'][:80]} ||||||")
             continue
         parts = r["estimate_parts"]
-        without = sum(v for k, v in parts.items() if k != "allocator")
-        with_allocator = without + parts.get("allocator", parts["activations"])
-        ratio = with_allocator / r["measured_bytes"]
+        live = sum(parts.get(k, 0) for k in ("activations", "transient", "per_sample"))
+        ratio = r["estimate_bytes"] / r["measured_bytes"]
         ok = "" if abs(ratio - 1) <= GOAL else " (outside 25%)"
         lines.append(f"| {r['model']} | {r['batch']} x {r['padded_length']} | {'on' if r['dp'] else 'off'} | "
-                     f"{r['top_layers'] or 'all'} | {without / 1e6:.1f} | {with_allocator / 1e6:.1f} | "
+                     f"{r['top_layers'] or 'all'} | {live / 1e6:.1f} | {r['estimate_bytes'] / 1e6:.1f} | "
                      f"{r['measured_bytes'] / 1e6:.1f} | {ratio:.2f}{ok} |")
     return lines
 
 
-def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(json.loads(sys.argv[2]))))
-        return
-    quick = "--quick" in sys.argv
-    cases = [c for c in CASES if c[0] == "tiny-llama"] if quick else CASES
-    path = RESULTS / ("plan_quick.json" if quick else "plan.json")
-    result = {"how": "python -m bench.plan: one fresh process per case, 1 torch thread, float32 on the CPU; "
-                     "measured = peak RSS (VmHWM, reset after the model is built) - RSS before the model",
-              "machine": platform.processor() or platform.machine(), "goal": GOAL,
-              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    import os
+def render_heap(rows: list[dict]) -> list[str]:
+    """The heap probe's rows: live peak against the plan's live set, the heap's high-water mark."""
+    lines = ["| model | batch x tokens | DP | live estimate MB | live measured MB | heap high-water MB | "
+             "heap / live | RSS outside the heap MB |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {' '.join(r['settings'])} | error: {r['error'][:80]} ||||||")
+            continue
+        parts, p = r["estimate_parts"], r["heap_peaks"]
+        live = sum(parts.get(k, 0) for k in ("activations", "transient", "per_sample"))
+        held = p["heap"] + p["mapped"]
+        lines.append(f"| {r['model']} | {r['batch']} x {r['padded_length']} | {'on' if r['dp'] else 'off'} | "
+                     f"{live / 1e6:.1f} | {p['in_use'] / 1e6:.1f} | {held / 1e6:.1f} | "
+                     f"{held / p['in_use']:.2f} | {(p['rss'] - held) / 1e6:.1f} |")
+    return lines
 
+
+def _run(overrides: list[str], heap: bool) -> dict:
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run([sys.executable, "-m", "bench.plan", "--heap-worker" if heap else "--worker",
+                          json.dumps(overrides)], capture_output=True, text=True, env={**os.environ, **env})
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        return {"settings": overrides, "error": (out.stderr.strip().splitlines() or ["no output"])[-1]}
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] in ("--worker", "--heap-worker"):
+        print(json.dumps(worker(json.loads(sys.argv[2]), heap=sys.argv[1] == "--heap-worker")))
+        return
+    quick, heap = "--quick" in sys.argv, "--heap" in sys.argv
+    path = RESULTS / ("plan_quick.json" if quick else "plan.json")
+    result = json.loads(path.read_text()) if path.exists() else {}
+    key, show = ("heap", render_heap) if heap else ("rows", render)
+    cases = HEAP_CASES if heap else CASES
+    cases = [c for c in cases if c[0] == "tiny-llama"] if quick else cases
+    result.update({"how": "python -m bench.plan: one fresh process per case, 1 torch thread, float32 on the "
+                          "CPU; measured = peak RSS (VmHWM, reset after the model is built) - RSS before the "
+                          "model; --heap: glibc's mallinfo2 and RSS after every aten op of 3 steps",
+                   "machine": platform.processor() or platform.machine(), "goal": GOAL,
+                   f"started_{key}": time.strftime("%Y-%m-%d %H:%M:%S"), key: []})
     for case in cases:
         overrides = settings(*case)
-        out = subprocess.run([sys.executable, "-m", "bench.plan", "--worker", json.dumps(overrides)],
-                             capture_output=True, text=True, env={**os.environ, **env})
-        try:
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-        except (IndexError, json.JSONDecodeError):
-            row = {"settings": overrides, "error": (out.stderr.strip().splitlines() or ["no output"])[-1]}
-        result["rows"].append(row)
-        print("\n".join(render([row])[2:]), flush=True)
+        if heap:
+            overrides = [s for s in overrides if not s.startswith("train.local_steps")] + ["train.local_steps=3"]
+        row = _run(overrides, heap)
+        row["load"] = os.getloadavg()[0]
+        result[key].append(row)
+        print("\n".join(show([row])[2:]), flush=True)
         RESULTS.mkdir(exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")  # kept after every case
-    print("\n".join(render(result["rows"])))
+    print("\n".join(show(result[key])))
 
 
 if __name__ == "__main__":

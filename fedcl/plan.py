@@ -13,13 +13,22 @@ a formula of the shape and the config (README, "Memory and time plan"):
 - gradients and optimiser: the LoRA factors' float32 gradient, and AdamW's
   two float32 moments of them;
 - activations: what autograd keeps for the backward pass, per token and
-  trained layer (`activation_elements`), x tokens per pass x 4 bytes, over the
-  trained layers only: with `lora.top_layers = k` the frozen layers below
-  run without gradients (or not at all, from the frozen cache) and keep
-  nothing; `model.gradient_checkpointing` keeps one hidden state per layer
-  and one layer's full set;
+  trained layer (`activation_elements`, counted for a padded batch: key and
+  value repeated per query head, SDPA's float mask), x tokens per pass x 4
+  bytes, over the trained layers only, plus the boolean padding mask (B x T x
+  T bytes): with `lora.top_layers = k` the frozen layers below run without
+  gradients (or not at all, from the frozen cache) and keep nothing;
+  `model.gradient_checkpointing` keeps one hidden state per layer and one
+  layer's full set;
+- transient: what lives beside them at the step's peak (`transient_elements`):
+  the whole decoder's key/value cache and the top layer's MLP temporaries at
+  the forward's end, or the top layer's MLP gradients in the backward;
 - per-sample gradients (DP-SGD): rows per pass x LoRA parameters x 4 bytes,
   rows being `train.micro_batch_size` when set, else the batch;
+- frozen states (`lora.top_layers`): T x hidden x 4 bytes per training
+  record, counted when `data.max_records` bounds a client's records;
+- on the CPU, allocator (glibc's heap keeps about one more working set:
+  activations + transient + per-sample) and runtime (a measured constant);
 - FLOPs per step: 2 x active layer parameters x tokens for the forward pass
   plus attention's 2 x T x (query-key + value widths) per token, and as much
   again backward (input gradients through frozen weights), plus 4 x LoRA
@@ -42,6 +51,11 @@ from fedcl.config import Config, split_list
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _LORA_BYTES = 4  # LoRA factors, their gradients and AdamW's moments stay float32
+# A CPU training process's pages outside the heap that its first step touches (torch's
+# kernels' code and data, autograd's thread): RSS growth less glibc's heap and mapped
+# chunks (mallinfo2), 17.5-19.6 MB over the tiny models with and without DP
+# (`python -m bench.plan --heap`). A constant of this build, not of the model.
+RUNTIME_BYTES = 18_000_000
 
 
 # -- threads -----------------------------------------------------------------
@@ -139,51 +153,87 @@ def lora_modules(shape_cfg, target_modules: str, index: int) -> list[shapes.Line
 
 # -- activations ---------------------------------------------------------------
 # The tensor each LoRA module's lora_A keeps (its input), by module name: modules
-# fed by the same tensor share it.
+# fed by the same tensor share it. o_proj's input is SDPA's output (a view of it),
+# counted with the attention, so it is no extra tensor.
 _LORA_INPUT = {"q_proj": "attention norm", "k_proj": "attention norm", "v_proj": "attention norm",
                "q_a_proj": "attention norm", "kv_a_proj_with_mqa": "attention norm",
-               "q_b_proj": "query latent", "kv_b_proj": "kv latent", "o_proj": "attention output",
+               "q_b_proj": "query latent", "kv_b_proj": "kv latent", "o_proj": "",
                "gate_proj": "mlp norm", "up_proj": "mlp norm", "down_proj": "mlp product",
                "shared_experts.gate_proj": "mlp norm", "shared_experts.up_proj": "mlp norm",
                "shared_experts.down_proj": "shared product"}
 
 
-def activation_elements(shape_cfg, index: int, lora: list[shapes.Linear], r: int) -> int:
-    """Elements autograd keeps per token in trained decoder layer `index` (float32 each).
+def _head_dim(shape_cfg) -> int:
+    return getattr(shape_cfg, "head_dim", None) or shape_cfg.hidden_size // shape_cfg.num_attention_heads
 
-    The RMS norms keep one hidden state (measured: the layer's input is no
-    extra copy), each distinct input of a
-    LoRA module is kept once (the norms' outputs, the attention's output, a
-    latent), and its rank-r intermediate; attention keeps the query, key and
-    value it gives SDPA, SDPA's output and log-sum-exp (MLA: also its latent
-    and up-projected key/value); the MLP keeps gate, its activation and
-    up (3 x intermediate), a mixture of experts that per routed copy plus the
-    copy's output (which the routing weight multiplies), and its router's scores.
+
+def _mlp_elements(shape_cfg, linears: dict) -> int:
+    """What the MLP keeps per token: gate, its activation and up (3 x intermediate); a
+    mixture of experts that per routed copy plus the copy's output (which the routing
+    weight multiplies), its shared experts' three and its router's scores."""
+    if "gate_proj" in linears:
+        return 3 * linears["gate_proj"].out_features
+    experts, shared = linears["experts.down_proj"], linears["shared_experts.gate_proj"].out_features
+    return (experts.active * (3 * experts.in_features + shape_cfg.hidden_size) + 3 * shared
+            + 2 * linears["gate"].out_features)
+
+
+def activation_elements(shape_cfg, index: int, lora: list[shapes.Linear], r: int, seq: int) -> int:
+    """Elements autograd keeps per token in trained decoder layer `index` (float32 each), `seq` tokens a row.
+
+    Counted for a padded batch (batches are padded to their longest record),
+    the larger case, checked with saved-tensor hooks (BENCHMARKS.md):
+    the two RMS norms keep their inputs (the residual stream before and after
+    the attention); each distinct input of a LoRA module is kept once (the
+    norms' outputs, a latent, the MLP's product) with its rank-r intermediate;
+    attention keeps the query, key and value it hands SDPA, SDPA's output and
+    log-sum-exp, and the padding mask as SDPA's float copy, seq per token
+    (its CPU kernel keeps no T x T score matrix). With padding transformers
+    repeats grouped key/value heads for every query head (`repeat_kv`), so
+    key and value are as wide as the query. MLA (DeepSeek) also keeps its
+    latents and up-projected key/value.
     """
     h, heads = shape_cfg.hidden_size, shape_cfg.num_attention_heads
     linears = {lin.name: lin for lin in shapes.layer_linears(shape_cfg, index)}
     if shape_cfg.model_type in ("llama", "qwen2"):
-        dim = getattr(shape_cfg, "head_dim", None) or h // heads
-        out = heads * dim
-        attention = 2 * out + 2 * shape_cfg.num_key_value_heads * dim  # q, out; k, v not repeated
+        out = heads * _head_dim(shape_cfg)
+        attention = 4 * out  # query, key and value repeated to every head, SDPA's output
     else:
         out = heads * shape_cfg.v_head_dim
         qk = heads * (shape_cfg.qk_nope_head_dim + shape_cfg.qk_rope_head_dim)
         attention = (2 * qk + out + linears["kv_a_proj_with_mqa"].out_features
                      + linears["kv_b_proj"].out_features + (shape_cfg.q_lora_rank or 0))
-    attention += heads  # SDPA's log-sum-exp: its CPU kernel keeps no T x T matrix
-    widths = {"attention norm": h, "mlp norm": h, "attention output": out,
+    attention += heads + seq  # SDPA's log-sum-exp; the float padding mask, one row of T per token
+    widths = {"attention norm": h, "mlp norm": h,
               "query latent": getattr(shape_cfg, "q_lora_rank", None) or 0,
               "kv latent": getattr(shape_cfg, "kv_lora_rank", 0)}
     if "gate_proj" in linears:
-        mlp = 3 * linears["gate_proj"].out_features
         widths["mlp product"] = linears["gate_proj"].out_features
     else:
-        experts, shared = linears["experts.down_proj"], linears["shared_experts.gate_proj"].out_features
-        mlp = experts.active * (3 * experts.in_features + h) + 3 * shared + 2 * linears["gate"].out_features
-        widths["shared product"] = shared
+        widths["shared product"] = linears["shared_experts.gate_proj"].out_features
     kept_inputs = sum(widths[name] for name in {_LORA_INPUT.get(lin.name, "") for lin in lora} if name)
-    return h + kept_inputs + attention + mlp + r * len(lora)
+    return 2 * h + kept_inputs + attention + _mlp_elements(shape_cfg, linears) + r * len(lora)
+
+
+def cache_elements(shape_cfg) -> int:
+    """Per token and layer, the key/value cache the whole decoder's forward fills (its
+    config's use_cache) and drops at the forward's end: the un-repeated grouped key and
+    value, a copy beside the repeated ones SDPA keeps. None when no head is repeated
+    (SDPA then keeps the cache's own tensors, as MLA's full-width key/value)."""
+    if shape_cfg.model_type not in ("llama", "qwen2"):
+        return 0
+    kv = shape_cfg.num_key_value_heads
+    return 2 * kv * _head_dim(shape_cfg) if kv < shape_cfg.num_attention_heads else 0
+
+
+def transient_elements(shape_cfg, top: int, *, cache: int) -> int:
+    """Per token, what lives beside the kept tensors at the step's peak, the larger of:
+    the forward's end (the cache, `cache` elements, the top layer's MLP product and
+    output and the final norm: intermediate + 2 x hidden) and the top layer's backward
+    (the gradients of its MLP's three kept tensors and two hidden-width gradients)."""
+    h = shape_cfg.hidden_size
+    mlp = _mlp_elements(shape_cfg, {lin.name: lin for lin in shapes.layer_linears(shape_cfg, top)})
+    return max(cache + mlp // 3 + 2 * h, mlp + 2 * h)
 
 
 # -- the plan ------------------------------------------------------------------
@@ -276,25 +326,38 @@ def plan_run(config: Config, *, available: int | None = None, cores: int | None 
     tokens = rows * seq
     device = _device(config)
     base_dtype = config.model.compute_dtype if device.startswith("cuda") else "float32"
-    kept = _kept_elements(shape_cfg, lora, r, checkpointing=getattr(config.model, "gradient_checkpointing",
-                                                                     False), dp=dp)
+    checkpointing = getattr(config.model, "gradient_checkpointing", False)
+    kept = _kept_elements(shape_cfg, lora, r, seq, checkpointing=checkpointing, dp=dp)
+    # Only the whole decoder's forward fills a cache: the frozen-bottom body runs
+    # the top layers without one, and transformers turns it off under checkpointing.
+    cache = cache_elements(shape_cfg) * len(trained) if not (top or checkpointing) else 0
     head = 0
-    if config.data.task == "instruction":  # full-vocabulary logits, their float copy and log-softmax
+    if config.data.task == "instruction":  # full-vocabulary logits, log-softmax and their gradient
         head = 3 * tokens * shape_cfg.vocab_size * 4
     weights = count.total * BYTES[base_dtype]
+    activations = kept * tokens * 4 + tokens * seq + head  # + the boolean padding mask, once
+    transient = transient_elements(shape_cfg, trained[-1], cache=cache) * tokens * 4
+    per_sample = (rows + 1) * trainable * _LORA_BYTES if dp else 0
     memory = {
         "weights": weights,
         "adapter": trainable * _LORA_BYTES,
         "gradients": trainable * _LORA_BYTES,
         "optimizer": 2 * trainable * _LORA_BYTES,
-        "activations": kept * tokens * 4 + head,
-        # On the CPU glibc's heap keeps a step's freed activations for the next one:
-        # one step's peak RSS matched the rest within 0.1%, from the second step on the
-        # process held about one more set (SmolLM2, BENCHMARKS.md). Not on CUDA.
-        "allocator": (kept * tokens * 4 + head) if device == "cpu" else 0,
+        "activations": activations,
+        "transient": transient,
         # DP-SGD: one gradient per row, and the clipped sum the noise is added to
-        "per_sample": (rows + 1) * trainable * _LORA_BYTES if dp else 0,
+        "per_sample": per_sample,
     }
+    if top:  # the frozen bottom's output, kept per training record
+        memory["frozen_states"] = _frozen_records(config) * seq * shape_cfg.hidden_size * 4
+    if device == "cpu":
+        # glibc's heap keeps what a step frees and, fragmented by the small tensors that
+        # outlive a step (AdamW's state, gradients), does not serve the next step from it
+        # alone: its high-water mark reached 1.3-2.1 x the step's live peak (mallinfo2
+        # after every op, `python -m bench.plan --heap`), so the step's working set
+        # is counted once more. Not on CUDA, whose caching allocator reuses its blocks.
+        memory["allocator"] = activations + transient + per_sample
+        memory["runtime"] = RUNTIME_BYTES
     flops = _flops(shape_cfg, count, trained, seq, tokens, trainable, config)
     threads = thread_plan(config, cores)
     free = device_memory(device) if available is None else available
@@ -308,17 +371,22 @@ def plan_run(config: Config, *, available: int | None = None, cores: int | None 
     return _with_warnings(plan, config)
 
 
-def _kept_elements(shape_cfg, lora: dict[int, list[shapes.Linear]], r: int, *, checkpointing: bool,
-                   dp: bool) -> int:
+def _kept_elements(shape_cfg, lora: dict[int, list[shapes.Linear]], r: int, seq: int, *,
+                   checkpointing: bool, dp: bool) -> int:
     """Elements kept per token over the trained layers (`lora`: their LoRA modules by layer index)."""
-    per_token = [activation_elements(shape_cfg, i, mods, r) for i, mods in lora.items()]
+    per_token = [activation_elements(shape_cfg, i, mods, r, seq) for i, mods in lora.items()]
     if not checkpointing:
         return sum(per_token)
     # Each layer keeps its input, the layer being recomputed its full set; under DP
     # Opacus also keeps every LoRA module's input for the per-sample gradients.
-    inputs = sum(activation_elements(shape_cfg, i, mods, r) - activation_elements(shape_cfg, i, [], r)
+    inputs = sum(activation_elements(shape_cfg, i, mods, r, seq) - activation_elements(shape_cfg, i, [], r, seq)
                  for i, mods in lora.items()) if dp else 0
     return len(lora) * shape_cfg.hidden_size + inputs + max(per_token)
+
+
+def _frozen_records(config: Config) -> int:
+    """Training records a client holds at most, when `data.max_records` caps them (else 0: unknown)."""
+    return -(-config.data.max_records // config.federation.clients) if config.data.max_records else 0
 
 
 def _flops(shape_cfg, count, trained: list[int], seq: int, tokens: int, trainable: int, config: Config) -> float:
@@ -380,10 +448,14 @@ def format_plan(plan: Plan, config: Config) -> str:
         + (f", passes of {plan.tokens_per_pass // config.model.max_length} rows" if plan.dp else "")
         + f", DP {'on' if plan.dp else 'off'}, {plan.device}",
     ]
-    lines += [f"  {part:<12}{_size(size):>12}" for part, size in plan.memory.items()]
-    lines += [f"  {'= client':<12}{_size(plan.client_bytes):>12}  per training process",
-              f"  {'server':<12}{_size(plan.server_bytes):>12}",
-              f"  {'device':<12}{_size(plan.needed):>12}  needed ({plan.concurrent} client(s) at once "
+    lines += [f"  {part:<14}{_size(size):>12}" for part, size in plan.memory.items()]
+    if plan.memory.get("frozen_states") == 0:
+        per_record = config.model.max_length * model_shape(config)[0].hidden_size * 4
+        lines.append(f"  frozen states not counted: {_size(per_record)} per training record "
+                     "(data.max_records bounds them)")
+    lines += [f"  {'= client':<14}{_size(plan.client_bytes):>12}  per training process",
+              f"  {'server':<14}{_size(plan.server_bytes):>12}",
+              f"  {'device':<14}{_size(plan.needed):>12}  needed ({plan.concurrent} client(s) at once "
               f"+ server); free: {_size(plan.available) if plan.available is not None else 'unknown'}",
               f"flops/step  {_count(plan.flops_per_step)}FLOP",
               plan.threads.describe()]

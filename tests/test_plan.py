@@ -14,7 +14,7 @@ import torch
 from fedcl import models, shapes
 from fedcl.config import load_config
 from fedcl.ops.cli import main
-from fedcl.plan import plan_run, thread_plan
+from fedcl.plan import activation_elements, lora_modules, plan_run, thread_plan
 from fedcl.session import configure_threads
 
 TINY = ("tiny-llama", "tiny-qwen2", "tiny-deepseek-v2", "tiny-deepseek-v3")
@@ -86,8 +86,10 @@ def test_dp_adds_per_sample_gradients():
 def test_top_layers_lowers_activations_and_flops():
     whole = plan_run(config("model.name=smollm2-135m"), available=10**12)
     top = plan_run(config("model.name=smollm2-135m", "lora.top_layers=2"), available=10**12)
-    # every SmolLM2 layer has the same shape: 2 of 30 layers keep 2/30 of the activations
-    assert top.memory["activations"] * 15 == whole.memory["activations"]
+    # every SmolLM2 layer has the same shape: 2 of 30 layers keep 2/30 of the layers'
+    # activations; the boolean padding mask (B x T x T bytes) is one for the model
+    mask = 8 * 64 * 64
+    assert (top.memory["activations"] - mask) * 15 == whole.memory["activations"] - mask
     assert top.trainable * 15 == whole.trainable
     assert top.flops_per_step < whole.flops_per_step / 10
     assert top.memory["weights"] == whole.memory["weights"]  # the frozen base is still held
@@ -165,6 +167,60 @@ def test_gradient_checkpointing_keeps_one_hidden_state_per_layer():
         pytest.skip("model.gradient_checkpointing is not a setting here")
     whole = plan_run(config("model.name=smollm2-135m"), available=10**12)
     ckpt = plan_run(config("model.name=smollm2-135m", "model.gradient_checkpointing=true"), available=10**12)
-    tokens, per_layer = 8 * 64, whole.memory["activations"] // (8 * 64 * 4 * 30)
-    assert ckpt.memory["activations"] == (30 * 576 + per_layer) * tokens * 4
+    tokens, mask = 8 * 64, 8 * 64 * 64
+    per_layer = (whole.memory["activations"] - mask) // (tokens * 4 * 30)
+    assert ckpt.memory["activations"] == (30 * 576 + per_layer) * tokens * 4 + mask
     assert ckpt.flops_per_step > whole.flops_per_step  # the forward runs twice
+
+
+@pytest.mark.parametrize("name, tolerance", [("tiny-llama", 0.02), ("tiny-qwen2", 0.02),
+                                             ("tiny-deepseek-v2", 0.1), ("tiny-deepseek-v3", 0.1)])
+def test_kept_activations_match_what_autograd_saves(name, tolerance):
+    """On a padded batch the plan's kept elements are the distinct tensors autograd saves."""
+    cfg = config(f"model.name={name}", "model.max_length=32", "train.batch_size=4")
+    model, _ = models.build_lora_model(cfg.model, cfg.lora)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params and t.dtype.is_floating_point:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    ids = torch.randint(2, 1000, (4, 32))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding: the masked path, as batches padded to their longest record
+    decoder = model.get_base_model().get_decoder()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1].sum()
+    shape_cfg = models.tiny_config(name)
+    planned = sum(activation_elements(shape_cfg, i, lora_modules(shape_cfg, "auto", i), cfg.lora.r, 32)
+                  for i in range(shape_cfg.num_hidden_layers)) * 4 * 32 * 4
+    assert sum(saved.values()) == pytest.approx(planned, rel=tolerance)
+
+
+def test_padding_mask_and_repeated_heads_grow_with_the_sequence():
+    shape_cfg = shapes.shape_config("smollm2-135m")  # 9 query heads, 3 key/value heads of 64
+    lora = lora_modules(shape_cfg, "auto", 0)
+    short, long = (activation_elements(shape_cfg, 0, lora, 8, seq) for seq in (64, 128))
+    assert long - short == 64  # SDPA's float mask: one row of T per token and layer
+    plans = [plan_run(config("model.name=smollm2-135m", f"model.max_length={t}"), available=10**12)
+             for t in (64, 128)]
+    # activations are (elements per token x 4 + T) bytes per token: the boolean mask is B x T x T
+    per_token = [(p.memory["activations"] - p.tokens_per_pass * t) / (p.tokens_per_pass * 4 * 30)
+                 for p, t in zip(plans, (64, 128))]
+    assert per_token == [short, long]
+
+
+def test_cpu_plan_counts_the_allocator_and_the_frozen_states():
+    cpu = plan_run(config("model.name=smollm2-135m", "privacy.noise_multiplier=1.0"), available=10**12)
+    parts = cpu.memory
+    assert parts["allocator"] == parts["activations"] + parts["transient"] + parts["per_sample"]
+    assert parts["runtime"] > 0
+    gpu = plan_run(config("model.name=smollm2-135m", "model.device=cuda"), available=10**12)
+    assert "allocator" not in gpu.memory and "runtime" not in gpu.memory
+    top = plan_run(config("model.name=smollm2-135m", "lora.top_layers=2", "data.max_records=200",
+                          "federation.clients=2"), available=10**12)
+    assert top.memory["frozen_states"] == 100 * 64 * 576 * 4  # records per client x T x hidden x 4
+    assert "frozen_states" not in cpu.memory
