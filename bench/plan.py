@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.plan            # every case (a few minutes at one thread)
     .venv/bin/python -m bench.plan --quick    # tiny-llama only, to check the script
     .venv/bin/python -m bench.plan --heap     # the heap probe: glibc's heap against torch's live tensors
+    .venv/bin/python -m bench.plan --replan   # the stored rows' estimates from the current formulas
 
 Each case runs in a fresh process with one torch thread: it imports
 everything, loads the data and the tokenizer, and reads its resident memory
@@ -54,7 +55,8 @@ CASES = [
     ("tiny-llama", 64, 128, []), ("tiny-llama", 64, 128, DP),
 ]
 HEAP_CASES = [("tiny-llama", 64, 128, []), ("tiny-llama", 64, 128, DP), ("tiny-qwen2", 64, 128, []),
-              ("tiny-deepseek-v2", 64, 128, []), ("tiny-deepseek-v3", 64, 128, DP), ("smollm2-135m", 8, 64, [])]
+              ("tiny-deepseek-v2", 64, 128, []), ("tiny-deepseek-v3", 64, 128, DP), ("smollm2-135m", 8, 64, []),
+              ("smollm2-135m", 16, 128, [])]
 
 
 def _status(field: str) -> int:
@@ -138,8 +140,7 @@ def worker(overrides: list[str], heap: bool = False) -> dict:
     # Batches are padded to their longest record: plan at the length the steps ran at.
     # (After the peak: under lora.top_layers encoding computes frozen states.)
     longest = session.shared.task.encode(session.train_records).input_ids.shape[1]
-    if longest < config.model.max_length:
-        plan = plan_run(config.replace({"model.max_length": max(8, longest)}))
+    plan = plan_at(config, longest)
     return {"settings": overrides, "model": config.model.name, "dp": plan.dp,
             "top_layers": config.lora.top_layers, "batch": config.train.batch_size,
             "max_length": config.model.max_length, "padded_length": longest, "tokens_seen": result.tokens,
@@ -147,6 +148,26 @@ def worker(overrides: list[str], heap: bool = False) -> dict:
             "measured_bytes": peak - baseline, "estimate_bytes": plan.client_bytes,
             "estimate_parts": plan.memory, "ratio": round(plan.client_bytes / (peak - baseline), 3),
             **({"heap_peaks": watch.peaks} if heap else {})}
+
+
+def plan_at(config, longest: int):
+    """The plan of `config` at the padded length its batches ran at (`longest`)."""
+    from fedcl.plan import plan_run
+
+    if longest < config.model.max_length:
+        config = config.replace({"model.max_length": max(8, longest)})
+    return plan_run(config)
+
+
+def replan(rows: list[dict]) -> None:
+    """The stored rows' estimates again, from the plan as it is now (the measured figures are kept)."""
+    from fedcl.config import load_config
+
+    for row in rows:
+        if "error" not in row:
+            plan = plan_at(load_config(None, row["settings"]), row["padded_length"])
+            row.update(estimate_bytes=plan.client_bytes, estimate_parts=plan.memory,
+                       ratio=round(plan.client_bytes / row["measured_bytes"], 3))
 
 
 def render(rows: list[dict]) -> list[str]:
@@ -201,6 +222,13 @@ def main() -> None:
     quick, heap = "--quick" in sys.argv, "--heap" in sys.argv
     path = RESULTS / ("plan_quick.json" if quick else "plan.json")
     result = json.loads(path.read_text()) if path.exists() else {}
+    if "--replan" in sys.argv:  # after a change of the formulas: no measurement, the estimates only
+        for key in ("rows", "heap"):
+            replan(result.get(key, []))
+        result["replanned"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print("\n".join(render(result.get("rows", [])) + [""] + render_heap(result.get("heap", []))))
+        return
     key, show = ("heap", render_heap) if heap else ("rows", render)
     cases = HEAP_CASES if heap else CASES
     cases = [c for c in cases if c[0] == "tiny-llama"] if quick else cases

@@ -48,6 +48,7 @@ from pathlib import Path
 
 from fedcl import models, shapes
 from fedcl.config import Config, split_list
+from fedcl.shapes import activation_elements, cache_elements, transient_elements
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _LORA_BYTES = 4  # LoRA factors, their gradients and AdamW's moments stay float32
@@ -56,6 +57,11 @@ _LORA_BYTES = 4  # LoRA factors, their gradients and AdamW's moments stay float3
 # chunks (mallinfo2), 17.5-19.6 MB over the tiny models with and without DP
 # (`python -m bench.plan --heap`). A constant of this build, not of the model.
 RUNTIME_BYTES = 18_000_000
+# On the CPU glibc's heap does not serve a step from the memory the last one freed
+# alone: its high-water mark was 1.42-2.01 x the step's live peak (median 1.61) over
+# 7 cases (mallinfo2 after every op, `python -m bench.plan --heap`), varying from run
+# to run by up to a third for the same settings. The plan adds the median's share.
+ALLOCATOR_SHARE = 0.6
 
 
 # -- threads -----------------------------------------------------------------
@@ -149,91 +155,6 @@ def lora_modules(shape_cfg, target_modules: str, index: int) -> list[shapes.Line
     else:
         wanted = split_list(target_modules)
     return [lin for lin in linears if any(lin.name == t or lin.name.endswith("." + t) for t in wanted)]
-
-
-# -- activations ---------------------------------------------------------------
-# The tensor each LoRA module's lora_A keeps (its input), by module name: modules
-# fed by the same tensor share it. o_proj's input is SDPA's output (a view of it),
-# counted with the attention, so it is no extra tensor.
-_LORA_INPUT = {"q_proj": "attention norm", "k_proj": "attention norm", "v_proj": "attention norm",
-               "q_a_proj": "attention norm", "kv_a_proj_with_mqa": "attention norm",
-               "q_b_proj": "query latent", "kv_b_proj": "kv latent", "o_proj": "",
-               "gate_proj": "mlp norm", "up_proj": "mlp norm", "down_proj": "mlp product",
-               "shared_experts.gate_proj": "mlp norm", "shared_experts.up_proj": "mlp norm",
-               "shared_experts.down_proj": "shared product"}
-
-
-def _head_dim(shape_cfg) -> int:
-    return getattr(shape_cfg, "head_dim", None) or shape_cfg.hidden_size // shape_cfg.num_attention_heads
-
-
-def _mlp_elements(shape_cfg, linears: dict) -> int:
-    """What the MLP keeps per token: gate, its activation and up (3 x intermediate); a
-    mixture of experts that per routed copy plus the copy's output (which the routing
-    weight multiplies), its shared experts' three and its router's scores."""
-    if "gate_proj" in linears:
-        return 3 * linears["gate_proj"].out_features
-    experts, shared = linears["experts.down_proj"], linears["shared_experts.gate_proj"].out_features
-    return (experts.active * (3 * experts.in_features + shape_cfg.hidden_size) + 3 * shared
-            + 2 * linears["gate"].out_features)
-
-
-def activation_elements(shape_cfg, index: int, lora: list[shapes.Linear], r: int, seq: int) -> int:
-    """Elements autograd keeps per token in trained decoder layer `index` (float32 each), `seq` tokens a row.
-
-    Counted for a padded batch (batches are padded to their longest record),
-    the larger case, checked with saved-tensor hooks (BENCHMARKS.md):
-    the two RMS norms keep their inputs (the residual stream before and after
-    the attention); each distinct input of a LoRA module is kept once (the
-    norms' outputs, a latent, the MLP's product) with its rank-r intermediate;
-    attention keeps the query, key and value it hands SDPA, SDPA's output and
-    log-sum-exp, and the padding mask as SDPA's float copy, seq per token
-    (its CPU kernel keeps no T x T score matrix). With padding transformers
-    repeats grouped key/value heads for every query head (`repeat_kv`), so
-    key and value are as wide as the query. MLA (DeepSeek) also keeps its
-    latents and up-projected key/value.
-    """
-    h, heads = shape_cfg.hidden_size, shape_cfg.num_attention_heads
-    linears = {lin.name: lin for lin in shapes.layer_linears(shape_cfg, index)}
-    if shape_cfg.model_type in ("llama", "qwen2"):
-        out = heads * _head_dim(shape_cfg)
-        attention = 4 * out  # query, key and value repeated to every head, SDPA's output
-    else:
-        out = heads * shape_cfg.v_head_dim
-        qk = heads * (shape_cfg.qk_nope_head_dim + shape_cfg.qk_rope_head_dim)
-        attention = (2 * qk + out + linears["kv_a_proj_with_mqa"].out_features
-                     + linears["kv_b_proj"].out_features + (shape_cfg.q_lora_rank or 0))
-    attention += heads + seq  # SDPA's log-sum-exp; the float padding mask, one row of T per token
-    widths = {"attention norm": h, "mlp norm": h,
-              "query latent": getattr(shape_cfg, "q_lora_rank", None) or 0,
-              "kv latent": getattr(shape_cfg, "kv_lora_rank", 0)}
-    if "gate_proj" in linears:
-        widths["mlp product"] = linears["gate_proj"].out_features
-    else:
-        widths["shared product"] = linears["shared_experts.gate_proj"].out_features
-    kept_inputs = sum(widths[name] for name in {_LORA_INPUT.get(lin.name, "") for lin in lora} if name)
-    return 2 * h + kept_inputs + attention + _mlp_elements(shape_cfg, linears) + r * len(lora)
-
-
-def cache_elements(shape_cfg) -> int:
-    """Per token and layer, the key/value cache the whole decoder's forward fills (its
-    config's use_cache) and drops at the forward's end: the un-repeated grouped key and
-    value, a copy beside the repeated ones SDPA keeps. None when no head is repeated
-    (SDPA then keeps the cache's own tensors, as MLA's full-width key/value)."""
-    if shape_cfg.model_type not in ("llama", "qwen2"):
-        return 0
-    kv = shape_cfg.num_key_value_heads
-    return 2 * kv * _head_dim(shape_cfg) if kv < shape_cfg.num_attention_heads else 0
-
-
-def transient_elements(shape_cfg, top: int, *, cache: int) -> int:
-    """Per token, what lives beside the kept tensors at the step's peak, the larger of:
-    the forward's end (the cache, `cache` elements, the top layer's MLP product and
-    output and the final norm: intermediate + 2 x hidden) and the top layer's backward
-    (the gradients of its MLP's three kept tensors and two hidden-width gradients)."""
-    h = shape_cfg.hidden_size
-    mlp = _mlp_elements(shape_cfg, {lin.name: lin for lin in shapes.layer_linears(shape_cfg, top)})
-    return max(cache + mlp // 3 + 2 * h, mlp + 2 * h)
 
 
 # -- the plan ------------------------------------------------------------------
@@ -351,12 +272,10 @@ def plan_run(config: Config, *, available: int | None = None, cores: int | None 
     if top:  # the frozen bottom's output, kept per training record
         memory["frozen_states"] = _frozen_records(config) * seq * shape_cfg.hidden_size * 4
     if device == "cpu":
-        # glibc's heap keeps what a step frees and, fragmented by the small tensors that
-        # outlive a step (AdamW's state, gradients), does not serve the next step from it
-        # alone: its high-water mark reached 1.3-2.1 x the step's live peak (mallinfo2
-        # after every op, `python -m bench.plan --heap`), so the step's working set
-        # is counted once more. Not on CUDA, whose caching allocator reuses its blocks.
-        memory["allocator"] = activations + transient + per_sample
+        # glibc's heap keeps what a step frees, fragmented by the small tensors that
+        # outlive a step (AdamW's state, gradients): see ALLOCATOR_SHARE. Not on CUDA,
+        # whose caching allocator reuses its blocks.
+        memory["allocator"] = int(ALLOCATOR_SHARE * (activations + transient + per_sample))
         memory["runtime"] = RUNTIME_BYTES
     flops = _flops(shape_cfg, count, trained, seq, tokens, trainable, config)
     threads = thread_plan(config, cores)

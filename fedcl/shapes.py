@@ -9,6 +9,9 @@ modules (what LoRA can wrap) and `count_params(config)` counts parameters
 from the config alone, total and active per token (a mixture of experts
 runs only its routed top-k), exactly as transformers builds the model (the
 tests compare it with the built tiny models, parameter for parameter).
+`activation_elements`, `cache_elements` and `transient_elements` count what
+a training step's autograd keeps per token from the same shapes (the plan's
+activations; the tests compare them with saved-tensor hooks).
 
 Covers the architectures fedcl trains: llama, qwen2, deepseek_v2 and
 deepseek_v3 (multi-head latent attention, mixture of experts). Plain
@@ -19,7 +22,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers import DeepseekV2Config, DeepseekV3Config, LlamaConfig, PretrainedConfig, Qwen2Config
+from transformers import (
+    DeepseekV2Config,
+    DeepseekV3Config,
+    LlamaConfig,
+    PretrainedConfig,
+    Qwen2Config,
+)
 
 _CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "deepseek_v2": DeepseekV2Config,
             "deepseek_v3": DeepseekV3Config}
@@ -217,3 +226,88 @@ def count_params(config: PretrainedConfig) -> ParamCount:
     final_norm = h
     return ParamCount(total=embedding + sum(layers) + final_norm, active=embedding + sum(active) + final_norm,
                       embedding=embedding, layers=layers, layers_active=active)
+
+
+# -- activations: what autograd keeps, from the shape (`fedcl.plan` sums them) ----
+# The tensor each LoRA module's lora_A keeps (its input), by module name: modules
+# fed by the same tensor share it. o_proj's input is SDPA's output (a view of it),
+# counted with the attention, so it is no extra tensor.
+_LORA_INPUT = {"q_proj": "attention norm", "k_proj": "attention norm", "v_proj": "attention norm",
+               "q_a_proj": "attention norm", "kv_a_proj_with_mqa": "attention norm",
+               "q_b_proj": "query latent", "kv_b_proj": "kv latent", "o_proj": "",
+               "gate_proj": "mlp norm", "up_proj": "mlp norm", "down_proj": "mlp product",
+               "shared_experts.gate_proj": "mlp norm", "shared_experts.up_proj": "mlp norm",
+               "shared_experts.down_proj": "shared product"}
+
+
+def _head_dim(shape_cfg) -> int:
+    return getattr(shape_cfg, "head_dim", None) or shape_cfg.hidden_size // shape_cfg.num_attention_heads
+
+
+def _mlp_elements(shape_cfg, linears: dict) -> int:
+    """What the MLP keeps per token: gate, its activation and up (3 x intermediate); a
+    mixture of experts that per routed copy plus the copy's output (which the routing
+    weight multiplies), its shared experts' three and its router's scores."""
+    if "gate_proj" in linears:
+        return 3 * linears["gate_proj"].out_features
+    experts, shared = linears["experts.down_proj"], linears["shared_experts.gate_proj"].out_features
+    return (experts.active * (3 * experts.in_features + shape_cfg.hidden_size) + 3 * shared
+            + 2 * linears["gate"].out_features)
+
+
+def activation_elements(shape_cfg, index: int, lora: list[Linear], r: int, seq: int) -> int:
+    """Elements autograd keeps per token in trained decoder layer `index` (float32 each), `seq` tokens a row.
+
+    Counted for a padded batch (batches are padded to their longest record),
+    the larger case, checked with saved-tensor hooks (BENCHMARKS.md):
+    the two RMS norms keep their inputs (the residual stream before and after
+    the attention); each distinct input of a LoRA module is kept once (the
+    norms' outputs, a latent, the MLP's product) with its rank-r intermediate;
+    attention keeps the query, key and value it hands SDPA, SDPA's output and
+    log-sum-exp, and the padding mask as SDPA's float copy, seq per token
+    (its CPU kernel keeps no T x T score matrix). With padding transformers
+    repeats grouped key/value heads for every query head (`repeat_kv`), so
+    key and value are as wide as the query. MLA (DeepSeek) also keeps its
+    latents and up-projected key/value.
+    """
+    h, heads = shape_cfg.hidden_size, shape_cfg.num_attention_heads
+    linears = {lin.name: lin for lin in layer_linears(shape_cfg, index)}
+    if shape_cfg.model_type in ("llama", "qwen2"):
+        out = heads * _head_dim(shape_cfg)
+        attention = 4 * out  # query, key and value repeated to every head, SDPA's output
+    else:
+        out = heads * shape_cfg.v_head_dim
+        qk = heads * (shape_cfg.qk_nope_head_dim + shape_cfg.qk_rope_head_dim)
+        attention = (2 * qk + out + linears["kv_a_proj_with_mqa"].out_features
+                     + linears["kv_b_proj"].out_features + (shape_cfg.q_lora_rank or 0))
+    attention += heads + seq  # SDPA's log-sum-exp; the float padding mask, one row of T per token
+    widths = {"attention norm": h, "mlp norm": h,
+              "query latent": getattr(shape_cfg, "q_lora_rank", None) or 0,
+              "kv latent": getattr(shape_cfg, "kv_lora_rank", 0)}
+    if "gate_proj" in linears:
+        widths["mlp product"] = linears["gate_proj"].out_features
+    else:
+        widths["shared product"] = linears["shared_experts.gate_proj"].out_features
+    kept_inputs = sum(widths[name] for name in {_LORA_INPUT.get(lin.name, "") for lin in lora} if name)
+    return 2 * h + kept_inputs + attention + _mlp_elements(shape_cfg, linears) + r * len(lora)
+
+
+def cache_elements(shape_cfg) -> int:
+    """Per token and layer, the key/value cache the whole decoder's forward fills (its
+    config's use_cache) and drops at the forward's end: the un-repeated grouped key and
+    value, a copy beside the repeated ones SDPA keeps. None when no head is repeated
+    (SDPA then keeps the cache's own tensors, as MLA's full-width key/value)."""
+    if shape_cfg.model_type not in ("llama", "qwen2"):
+        return 0
+    kv = shape_cfg.num_key_value_heads
+    return 2 * kv * _head_dim(shape_cfg) if kv < shape_cfg.num_attention_heads else 0
+
+
+def transient_elements(shape_cfg, top: int, *, cache: int) -> int:
+    """Per token, what lives beside the kept tensors at the step's peak, the larger of:
+    the forward's end (the cache, `cache` elements, the top layer's MLP product and
+    output and the final norm: intermediate + 2 x hidden) and the top layer's backward
+    (the gradients of its MLP's three kept tensors and two hidden-width gradients)."""
+    h = shape_cfg.hidden_size
+    mlp = _mlp_elements(shape_cfg, {lin.name: lin for lin in layer_linears(shape_cfg, top)})
+    return max(cache + mlp // 3 + 2 * h, mlp + 2 * h)
