@@ -4,6 +4,8 @@
     .venv/bin/python -m bench.plan --quick    # tiny-llama only, to check the script
     .venv/bin/python -m bench.plan --heap     # the heap probe: glibc's heap against torch's live tensors
     .venv/bin/python -m bench.plan --replan   # the stored rows' estimates from the current formulas
+    .venv/bin/python -m bench.plan --repeat   # every case again ("repeat"): the measurement's spread
+    .venv/bin/python -m bench.plan --mmap-threshold   # a few cases with MALLOC_MMAP_THRESHOLD_=131072
 
 Each case runs in a fresh process with one torch thread: it imports
 everything, loads the data and the tokenizer, and reads its resident memory
@@ -57,6 +59,7 @@ CASES = [
 HEAP_CASES = [("tiny-llama", 64, 128, []), ("tiny-llama", 64, 128, DP), ("tiny-qwen2", 64, 128, []),
               ("tiny-deepseek-v2", 64, 128, []), ("tiny-deepseek-v3", 64, 128, DP), ("smollm2-135m", 8, 64, []),
               ("smollm2-135m", 16, 128, [])]
+MMAP_CASES = [("smollm2-135m", 8, 64, []), ("smollm2-135m", 16, 128, []), ("tiny-llama", 64, 128, [])]
 
 
 def _status(field: str) -> int:
@@ -205,8 +208,8 @@ def render_heap(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _run(overrides: list[str], heap: bool) -> dict:
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+def _run(overrides: list[str], heap: bool, extra_env: dict | None = None) -> dict:
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     out = subprocess.run([sys.executable, "-m", "bench.plan", "--heap-worker" if heap else "--worker",
                           json.dumps(overrides)], capture_output=True, text=True, env={**os.environ, **env})
     try:
@@ -223,14 +226,18 @@ def main() -> None:
     path = RESULTS / ("plan_quick.json" if quick else "plan.json")
     result = json.loads(path.read_text()) if path.exists() else {}
     if "--replan" in sys.argv:  # after a change of the formulas: no measurement, the estimates only
-        for key in ("rows", "heap"):
+        for key in ("rows", "heap", "repeat", "mmap_threshold"):
             replan(result.get(key, []))
         result["replanned"] = time.strftime("%Y-%m-%d %H:%M:%S")
         path.write_text(json.dumps(result, indent=2) + "\n")
         print("\n".join(render(result.get("rows", [])) + [""] + render_heap(result.get("heap", []))))
         return
     key, show = ("heap", render_heap) if heap else ("rows", render)
-    cases = HEAP_CASES if heap else CASES
+    cases, extra_env = HEAP_CASES if heap else CASES, {}
+    if "--repeat" in sys.argv:  # the same cases again: how much the measured peak moves between runs
+        key = "repeat"
+    if "--mmap-threshold" in sys.argv:  # glibc with a fixed mmap threshold: large tensors unmapped when freed
+        key, cases, extra_env = "mmap_threshold", MMAP_CASES, {"MALLOC_MMAP_THRESHOLD_": "131072"}
     cases = [c for c in cases if c[0] == "tiny-llama"] if quick else cases
     result.update({"how": "python -m bench.plan: one fresh process per case, 1 torch thread, float32 on the "
                           "CPU; measured = peak RSS (VmHWM, reset after the model is built) - RSS before the "
@@ -241,7 +248,7 @@ def main() -> None:
         overrides = settings(*case)
         if heap:
             overrides = [s for s in overrides if not s.startswith("train.local_steps")] + ["train.local_steps=3"]
-        row = _run(overrides, heap)
+        row = _run(overrides, heap, extra_env)
         row["load"] = os.getloadavg()[0]
         result[key].append(row)
         print("\n".join(show([row])[2:]), flush=True)
