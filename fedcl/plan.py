@@ -62,6 +62,7 @@ RUNTIME_BYTES = 18_000_000
 # 7 cases (mallinfo2 after every op, `python -m bench.plan --heap`), varying from run
 # to run by up to a third for the same settings. The plan adds the median's share.
 ALLOCATOR_SHARE = 0.6
+GLIBC_MMAP_MAX = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: larger blocks are always mapped
 
 
 # -- threads -----------------------------------------------------------------
@@ -253,7 +254,9 @@ def plan_run(config: Config, *, available: int | None = None, cores: int | None 
     # the top layers without one, and transformers turns it off under checkpointing.
     cache = cache_elements(shape_cfg) * len(trained) if not (top or checkpointing) else 0
     head = 0
-    if config.data.task == "instruction":  # full-vocabulary logits, log-softmax and their gradient
+    if config.data.task == "instruction":
+        # Full-vocabulary logits, their log-softmax and its gradient: at most three
+        # B x T x vocab float32 tensors at once (tiny-llama, 8 x 48: 2.5 measured).
         head = 3 * tokens * shape_cfg.vocab_size * 4
     weights = count.total * BYTES[base_dtype]
     activations = kept * tokens * 4 + tokens * seq + head  # + the boolean padding mask, once
@@ -273,9 +276,12 @@ def plan_run(config: Config, *, available: int | None = None, cores: int | None 
         memory["frozen_states"] = _frozen_records(config) * seq * shape_cfg.hidden_size * 4
     if device == "cpu":
         # glibc's heap keeps what a step frees, fragmented by the small tensors that
-        # outlive a step (AdamW's state, gradients): see ALLOCATOR_SHARE. Not on CUDA,
-        # whose caching allocator reuses its blocks.
-        memory["allocator"] = int(ALLOCATOR_SHARE * (activations + transient + per_sample))
+        # outlive a step (AdamW's state, gradients): see ALLOCATOR_SHARE. A tensor above
+        # glibc's largest mmap threshold gets its own mapping, returned when freed: the
+        # vocabulary head's (tiny-llama, 8 x 48: no heap growth for its 194 MB tensors).
+        # Not on CUDA, whose caching allocator reuses its blocks.
+        on_heap = activations - (head if head // 3 > GLIBC_MMAP_MAX else 0)
+        memory["allocator"] = int(ALLOCATOR_SHARE * (on_heap + transient + per_sample))
         memory["runtime"] = RUNTIME_BYTES
     flops = _flops(shape_cfg, count, trained, seq, tokens, trainable, config)
     threads = thread_plan(config, cores)

@@ -226,3 +226,22 @@ def test_cpu_plan_counts_the_allocator_and_the_frozen_states():
                           "federation.clients=2"), available=10**12)
     assert top.memory["frozen_states"] == 100 * 64 * 576 * 4  # records per client x T x hidden x 4
     assert "frozen_states" not in cpu.memory
+
+
+def test_instruction_head_grows_with_vocabulary_rows_and_length():
+    """The logits' three B x T x vocab float32 tensors; mapped apart by glibc, so no allocator share."""
+    def plan(batch, length):
+        return plan_run(config("model.name=tiny-llama", "data.task=instruction", f"train.batch_size={batch}",
+                               f"model.max_length={length}"), available=10**12)
+
+    def head(p, batch, length):
+        classification = plan_run(config("model.name=tiny-llama", f"train.batch_size={batch}",
+                                         f"model.max_length={length}"), available=10**12)
+        return p.memory["activations"] - classification.memory["activations"]
+
+    vocab = models.tiny_config("tiny-llama").vocab_size
+    for batch, length in ((8, 64), (16, 64), (8, 128)):
+        p = plan(batch, length)
+        assert head(p, batch, length) == 3 * batch * length * vocab * 4
+        working_set = p.memory["activations"] - head(p, batch, length) + p.memory["transient"]
+        assert p.memory["allocator"] == int(ALLOCATOR_SHARE * working_set)
