@@ -1,12 +1,14 @@
 """Deployment benchmark (issues 6 and 17): round time of a real deployment against the
-same rounds on the simulation engine, with a fresh ClientApp process per message and
-with each node's model kept loaded (`fedcl.client.worker`), the replies counted with
-12 SuperNodes, and the coordinator's and nodes' resident memory.
+same rounds on the simulation engine, with a fresh ClientApp process per message, with
+each node's model kept loaded (`fedcl.client.worker`) and with, besides, one long-lived
+executor per node serving every message (`fedcl.client.executor`), the replies counted
+with 12 SuperNodes, and the coordinator's and nodes' resident memory.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.deployment [--rounds 3] [--large-rounds 3]
+        [--modes executor,kept,fresh] [--large-mode executor]
 
 It ends with one line, measured in that run:
-`steady round deployed/simulated: R.RRx (kept model); 12 nodes: A of B replies counted`.
+`steady round deployed/simulated: R.RRx (executor), R.RRx (kept model), ...; 12 nodes: A of B replies counted`.
 
 One run, side by side on the tiny model, from the same data files and config:
 
@@ -15,7 +17,9 @@ One run, side by side on the tiny model, from the same data files and config:
   with TLS and node authentication, started as `ops/deploy/launch.py` starts
   them and the run submitted with `flwr run`;
 - the same deployment with each node's worker keeping its model loaded;
-- 12 SuperNodes with workers, 3 rounds by default, every round waiting for all 12
+- the same again with each SuperNode in `--isolation process` and one executor per node
+  running every message in-process (handing it to the node's worker): no process per message;
+- 12 SuperNodes (executors and workers by default), 3 rounds, every round waiting for all 12
   replies (up to its timeout), counting what arrived: the 12-node check of
   issue 17 (too slow for the test suite).
 
@@ -60,6 +64,10 @@ LARGE_TIMEOUT = 240
 # Flower's process names, as the second word of their command lines (Python entry points).
 ROLES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
 WORKER_MODULE, WORKER_ROLE = "fedcl.client.worker", "node-worker"
+EXECUTOR_MODULE, EXECUTOR_ROLE = "fedcl.client.executor", "node-executor"
+# The deployed configurations: what a SuperNode runs its ClientApp messages with.
+MODES = {"fresh": "fresh process per message", "kept": "kept model",
+         "executor": "kept model and one executor process"}
 
 
 def write_data(folder: Path, nodes: int) -> dict[str, Path]:
@@ -119,6 +127,8 @@ def checkpoint_round(run_dir: Path) -> int:
 def role_of(cmdline: list[str]) -> str:
     if WORKER_MODULE in cmdline[:3]:  # python -m fedcl.client.worker (supervisor and serving process)
         return WORKER_ROLE
+    if EXECUTOR_MODULE in cmdline[:3]:
+        return EXECUTOR_ROLE
     if "fedcl.ops.deploy.supernode" in cmdline[:3]:  # flower-supernode through fedcl's launcher
         return "flower-supernode"
     for word in cmdline[:2]:
@@ -194,11 +204,13 @@ def memory_summary(samples: list[dict], rounds: int, nodes: list[str]) -> dict:
     clientapps = [x for s in run for n in nodes for x in s["trees"][n].get("flwr-clientapp", [])]
     all_nodes = [sum(sum(v) for t in (s["trees"][n] for n in nodes) for v in t.values()) for s in run]
     workers = [sum(s["trees"][n].get(WORKER_ROLE, [])) for s in run for n in nodes]
+    executors = [sum(s["trees"][n].get(EXECUTOR_ROLE, [])) for s in run for n in nodes]
     # How many ClientApp processes lived at once (each imports what its message needs), and
     # the machine's load meanwhile: what a node's reply competes with for the CPU.
     alive = [sum(len(s["trees"][n].get("flwr-clientapp", [])) for n in nodes) for s in run]
     loads = [s.get("load", 0.0) for s in run]
     return {"coordinator": coordinator, "samples": len(samples), "node_worker": _stats([w for w in workers if w]),
+            "node_executor": _stats([e for e in executors if e]),
             "clientapps_alive_peak": max(alive, default=0), "load_peak": max(loads, default=0.0),
             "load_median": statistics.median(loads) if loads else 0.0,
             "supernode": _stats(per_node), "supernode_superexec": _stats(node_exec),
@@ -247,10 +259,11 @@ def metrics_clients(metrics: dict) -> int:
 
 
 def deploy(work: Path, keys, data_files: dict[str, Path], app: Path, nodes: int, rounds: int, *,
-           compare: bool, kept: bool, keep_logs: Path | None = None) -> dict:
+           compare: bool, mode: str, keep_logs: Path | None = None) -> dict:
     """A fresh SuperLink (own database) and `nodes` SuperNodes; one run of `rounds` rounds.
-    `kept`: each SuperNode with its worker (`fedcl.client.worker`), model kept loaded."""
-    root = work / f"deploy-{nodes}-{'kept' if kept else 'fresh'}"
+    `mode` (MODES): "kept", each SuperNode with its worker (`fedcl.client.worker`), model kept
+    loaded; "executor", besides, in `--isolation process` with its executor."""
+    root = work / f"deploy-{nodes}-{mode}"
     home, run_dir = root / "flwr-home", root / "run"
     names = [f"hospital-{i:02d}" for i in range(nodes)]
     config = write_config(root.parent / f"deploy-{nodes}.toml", data_files, nodes,
@@ -270,7 +283,7 @@ def deploy(work: Path, keys, data_files: dict[str, Path], app: Path, nodes: int,
             node_procs[name] = launch.start_supernode(
                 keys, name, superlink=address, runtime_port=launch.free_port(), data_file=data_files[name],
                 state_dir=root / "state" / name, partition_id=i, log=root / "logs" / f"{name}.log",
-                flwr_home=home, worker=kept)
+                flwr_home=home, worker=mode != "fresh", executor=mode == "executor")
             started.append(node_procs[name])
         launch.wait_for(lambda: launch.online_nodes(CONNECTION, home) == nodes, timeout=60 + 10 * nodes,
                         what=f"{nodes} SuperNodes online", process=link, interval=2)
@@ -292,7 +305,7 @@ def deploy(work: Path, keys, data_files: dict[str, Path], app: Path, nodes: int,
         if keep_logs is not None:  # the work folder is temporary
             shutil.copytree(root / "logs", keep_logs / root.name, dirs_exist_ok=True)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {"supernodes": nodes, "kept_model": kept, "wall_seconds": wall, **round_summary(metrics),
+    return {"supernodes": nodes, "mode": mode, "kept_model": mode != "fresh", "wall_seconds": wall, **round_summary(metrics),
             "memory": memory_summary(sampler.samples, rounds, names), "errors": log_errors(root / "logs")}
 
 
@@ -300,15 +313,20 @@ def log_errors(logs: Path) -> dict:
     """What went wrong on the way, as the processes logged it."""
     link = (logs / "superlink.log").read_text(encoding="utf-8", errors="replace")
     nodes = [p.read_text(encoding="utf-8", errors="replace") for p in logs.glob("hospital-*.log")
-             if not p.name.endswith("-worker.log")]
+             if not p.name.endswith(("-worker.log", "-executor.log"))]
     workers = [p.read_text(encoding="utf-8", errors="replace") for p in logs.glob("hospital-*-worker.log")]
+    executors = [p.read_text(encoding="utf-8", errors="replace") for p in logs.glob("hospital-*-executor.log")]
+    tasks = [line for e in executors for line in e.splitlines() if line.startswith("executor | pid ")]
     return {"superlink_database_locked": link.count("database is locked"),
             "node_worker_restarts": sum(w.count("; restarting in") for w in workers),
             "node_worker_messages_failed": sum(w.count(" | failed") for w in workers),
             "clientapp_without_worker": sum(n.count("not reachable after") for n in nodes),
             "superlink_http_500": link.count(" 500"),
             "superlink_superexec_crashed": "flower-superexec\", line" in link,
-            "node_replies_not_delivered": sum(n.count("Failed to send message") for n in nodes)}
+            "node_replies_not_delivered": sum(n.count("Failed to send message") for n in nodes),
+            # Every task of a node served by one process: tasks, and distinct executor pids.
+            "executor_tasks": len(tasks), "executor_tasks_failed": sum("| failed" in t for t in tasks),
+            "executor_pids": len({t.split(" | ")[1] for t in tasks})}
 
 
 def _mb(stats: dict, key: str = "peak_mb") -> str:
@@ -327,7 +345,7 @@ def render(r: dict) -> list[str]:
              "Round time is metrics.json's `round_seconds` (train messages sent to server evaluation "
              "done); round 1 carries start-up and is shown apart. "
              f"The machine was shared with other work (load average {r['load_before'][0]:.1f} before, "
-             f"{r['load_after'][0]:.1f} after, on 2 cores): read the ratio, not the seconds.", "",
+             f"{r.get('load_after', r.get('load_now', [0.0]))[0]:.1f} after, on 2 cores): read the ratio, not the seconds.", "",
              "| run | round 1 s | later rounds s (mean) | of which training and evaluation s | per round s "
              "| replies per round | run wall s |", "|---|---|---|---|---|---|---|"]
 
@@ -347,8 +365,8 @@ def render(r: dict) -> list[str]:
     def times(value) -> str:
         return f"{value:.2f}x" if value is not None else "-"
 
-    for tag, how in (("fresh", "fresh process per message"), ("kept", "kept model")):
-        if f"{tag}_round_1" in r["ratio"]:
+    for tag, how in MODES.items():
+        if f"{tag}_round_1" in r.get("ratio", {}):
             lines.append(f"| **deployment ({how}) / simulation, {NODE_COUNTS[0]} clients** "
                          f"| {times(r['ratio'][f'{tag}_round_1'])} | {times(r['ratio'][f'{tag}_later_rounds'])} "
                          "| | | | |")
@@ -362,7 +380,10 @@ def render(r: dict) -> list[str]:
               "simulated ones; a round's training is the same number of steps either way. With the kept "
               "model, each SuperNode has a worker (`fedcl.client.worker`) that holds the model, "
               "tokenizer and data; Flower still starts a ClientApp process per message, which then "
-              "imports no torch and only forwards the message over the node's Unix socket.", "",
+              "imports no torch and only forwards the message over the node's Unix socket. With the "
+              "executor, each SuperNode runs in `--isolation process` and starts no process at all: "
+              "one `fedcl.client.executor` per node claims every message on the SuperNode's Runtime "
+              "API and runs the ClientApp in-process (which hands it to the worker).", "",
               "Coordinator resident memory (MB), sampled once a second: SuperLink, the ServerApp "
               "(`flwr-serverapp`, a separate process started by the SuperLink's SuperExec) and that "
               "SuperExec. Idle: every node connected, no run; steady: median once round 1 was committed "
@@ -371,17 +392,18 @@ def render(r: dict) -> list[str]:
               "apart).", "",
               "| SuperNodes | SuperLink idle | SuperLink steady | SuperLink peak | ServerApp steady "
               "| ServerApp peak | SuperExec peak | coordinator total peak | per SuperNode (median / peak) "
-              "| its SuperExec | ClientApp peak | node worker peak |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| its SuperExec | ClientApp peak | node worker peak | node executor peak |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in (d for d in r["deployments"] if "error" not in d):
         m = d["memory"]
         c = m["coordinator"]
-        lines.append(f"| {d['supernodes']}{' kept' if d.get('kept_model') else ''} | {_mb(c['flower-superlink'], 'idle_mb')} "
+        lines.append(f"| {d['supernodes']} {mode_of(d)} | {_mb(c['flower-superlink'], 'idle_mb')} "
                      f"| {_mb(c['flower-superlink'], 'steady_mb')} | {_mb(c['flower-superlink'])} "
                      f"| {_mb(c['flwr-serverapp'], 'steady_mb')} | {_mb(c['flwr-serverapp'])} "
                      f"| {_mb(c['flower-superexec'])} | {_mb(c['total'])} "
                      f"| {_mb(m['supernode'], 'median_mb')} / {_mb(m['supernode'])} "
                      f"| {_mb(m['supernode_superexec'], 'median_mb')} | {_mb(m['clientapp'])} "
-                     f"| {_mb(m.get('node_worker', {}))} |")
+                     f"| {_mb(m.get('node_worker', {}))} | {_mb(m.get('node_executor', {}))} |")
     lines.append("")
     for d in r["deployments"]:
         e = d.get("errors", {})
@@ -394,6 +416,8 @@ def render(r: dict) -> list[str]:
                          f"{e.get('node_replies_not_delivered', 0)}, worker restarts "
                          f"{e.get('node_worker_restarts', 0)}, messages without a worker "
                          f"{e.get('clientapp_without_worker', 0)}"
+                         + (f"; executors served {e['executor_tasks']} tasks ({e['executor_tasks_failed']} failed) "
+                            f"from {e['executor_pids']} processes" if e.get("executor_tasks") else "")
                          + (f"; at most {d['memory']['clientapps_alive_peak']} ClientApp processes at once, "
                             f"load average {d['memory']['load_median']:.1f} (median) / "
                             f"{d['memory']['load_peak']:.1f} (peak)" if "memory" in d else "") + ".")
@@ -416,30 +440,52 @@ def render(r: dict) -> list[str]:
     return lines
 
 
+def mode_of(d: dict) -> str:
+    return d.get("mode", "kept" if d.get("kept_model") else "fresh")
+
+
 def label(d: dict) -> str:
-    how = "kept model" if d.get("kept_model") else "fresh process per message"
-    return f"deployment, {d['supernodes']} SuperNodes, {how}"
+    return f"deployment, {d['supernodes']} SuperNodes, {MODES[mode_of(d)]}"
+
+
+def ratios(result: dict) -> dict:
+    """Each 3-node deployment's round 1 and later rounds against the simulation's."""
+    sim, out = result.get("simulation"), {}
+    for d in result["deployments"]:
+        if sim is None or d["supernodes"] != NODE_COUNTS[0] or "error" in d:
+            continue
+        tag = mode_of(d)
+        out[f"{tag}_round_1"] = d["round_1_seconds"] / sim["round_1_seconds"]
+        out[f"{tag}_later_rounds"] = (d["later_mean_seconds"] / sim["later_mean_seconds"]
+                                      if d["later_mean_seconds"] and sim["later_mean_seconds"] else None)
+    return out
 
 
 def replies_line(result: dict) -> str:
     """The benchmark's verdict, measured in this run."""
-    ratio = result["ratio"].get("kept_later_rounds")
+    shown = [f"{result['ratio'][f'{tag}_later_rounds']:.2f}x ({MODES[tag]})" for tag in MODES
+             if result["ratio"].get(f"{tag}_later_rounds") is not None]
     large = next((d for d in result["deployments"] if d["supernodes"] == NODE_COUNTS[1]), None)
-    counted = sum(r["replies"] for r in large.get("rounds", [])) if large else 0
+    counted = [r["replies"] for r in large.get("rounds", [])] if large else []
     expected = large["supernodes"] * large["planned_rounds"] if large else 0
-    return (f"steady round deployed/simulated: {ratio:.2f}x (kept model); "
-            f"{large['supernodes'] if large else 12} nodes: {counted} of {expected} replies counted"
-            if ratio is not None else f"steady round deployed/simulated: -; 12 nodes: {counted} of {expected}")
+    return (f"steady round deployed/simulated: {', '.join(shown) or '-'}; "
+            f"{NODE_COUNTS[1]} nodes: {sum(counted)} of {expected} replies counted"
+            + (f" (per round {', '.join(map(str, counted))})" if counted else ""))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the side-by-side comparison")
-    parser.add_argument("--large-rounds", type=int, default=3, help="rounds with 12 SuperNodes (kept model)")
-    parser.add_argument("--skip-fresh", action="store_true",
-                        help="leave out the deployment with a fresh process per message")
+    parser.add_argument("--large-rounds", type=int, default=3, help="rounds with 12 SuperNodes (0: none)")
+    parser.add_argument("--modes", default="executor,kept,fresh",
+                        help=f"3-node deployments to run, in this order (of {', '.join(MODES)})")
+    parser.add_argument("--large-mode", default="executor", choices=list(MODES), help="how the 12 SuperNodes run")
+    parser.add_argument("--skip-fresh", action="store_true", help="the same as leaving fresh out of --modes")
     parser.add_argument("--keep-logs", type=Path, help="copy each deployment's process logs here")
     args = parser.parse_args()
+    modes = [m for m in args.modes.split(",") if m and not (args.skip_fresh and m == "fresh")]
+    if unknown := set(modes) - set(MODES):
+        parser.error(f"--modes {args.modes}: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
     small, large = NODE_COUNTS
     result = {"model": "tiny-llama", "when": time.strftime("%Y-%m-%d %H:%M"), "local_steps": LOCAL_STEPS,
               "batch_size": BATCH_SIZE, "load_before": os.getloadavg(),
@@ -448,6 +494,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
 
     def save() -> None:  # after every run: a benchmark stopped half-way keeps what it measured
+        result["ratio"], result["load_now"] = ratios(result), os.getloadavg()
+        result["verdict"] = replies_line(result)
         (RESULTS / RESULT).write_text(json.dumps(result, indent=2) + "\n")
 
     with tempfile.TemporaryDirectory(prefix="fedcl-bench-deploy-") as tmp:
@@ -459,32 +507,23 @@ def main() -> None:
         config = write_config(work / "sim.toml", data_files, small, min_replies=small, timeout=COMPARE_TIMEOUT)
         result["simulation"] = simulate(work, config, args.rounds)
         save()
-        plan = [(small, args.rounds, True, False)] * (not args.skip_fresh) + [
-            (small, args.rounds, True, True), (large, args.large_rounds, False, True)]
-        for nodes, rounds, compare, kept in plan:
-            print(f"deployment, {nodes} SuperNodes, {'kept model' if kept else 'fresh process per message'} ...",
-                  flush=True)
+        plan = [(small, args.rounds, True, mode) for mode in modes]
+        plan += [(large, args.large_rounds, False, args.large_mode)] * (args.large_rounds > 0)
+        for nodes, rounds, compare, mode in plan:
+            print(f"deployment, {nodes} SuperNodes, {MODES[mode]} ... (load {os.getloadavg()[0]:.1f})", flush=True)
+            # Staged anew: an executor runs only a FAB equal to the fedcl it found at its start.
+            app = launch.stage_app(ROOT, work / "app")
             try:
-                d = deploy(work, keys, data_files, app, nodes, rounds, compare=compare, kept=kept,
+                d = deploy(work, keys, data_files, app, nodes, rounds, compare=compare, mode=mode,
                            keep_logs=args.keep_logs)
             except (RuntimeError, TimeoutError, OSError, KeyError, ValueError) as error:
-                logs = work / f"deploy-{nodes}-{'kept' if kept else 'fresh'}" / "logs"
-                d = {"supernodes": nodes, "kept_model": kept, "error": str(error)[-2000:],
+                logs = work / f"deploy-{nodes}-{mode}" / "logs"
+                d = {"supernodes": nodes, "mode": mode, "kept_model": mode != "fresh", "error": str(error)[-2000:],
                      "errors": log_errors(logs) if (logs / "superlink.log").exists() else {}}
             result["deployments"].append({**d, "planned_rounds": rounds})
             save()
-    sim = result["simulation"]
-    result["ratio"] = {}
-    for d in result["deployments"]:
-        if d["supernodes"] != small or "error" in d:
-            continue
-        tag = "kept" if d["kept_model"] else "fresh"
-        result["ratio"][f"{tag}_round_1"] = d["round_1_seconds"] / sim["round_1_seconds"]
-        result["ratio"][f"{tag}_later_rounds"] = (d["later_mean_seconds"] / sim["later_mean_seconds"]
-                                                  if d["later_mean_seconds"] and sim["later_mean_seconds"] else None)
     result["load_after"] = os.getloadavg()
     result["total_seconds"] = time.time() - started
-    result["verdict"] = replies_line(result)
     save()
     print("\n".join(render(result)))
     print(result["verdict"])

@@ -18,7 +18,8 @@ What runs: the node's installed fedcl (`fedcl.client.app`), never code from the 
 so an institution runs the code it installed and reviewed. Flower would import the
 ClientApp from the unpacked FAB; here the FAB is checked instead: its hash must be the
 run's, its pyproject must name `fedcl.client.app:app`, and every .py file it ships in
-fedcl's packages must be byte-for-byte the installed one (`check_fab`, once per FAB).
+fedcl's packages must be byte-for-byte the installed one as the executor found it at
+start (`check_fab`, once per FAB; restart the executor after upgrading fedcl).
 A FAB that differs is refused: that task fails with the reason, naming the files.
 
 The work: `fedcl.client.app` hands the message to the node's worker when the node
@@ -55,6 +56,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 import zipfile
 from dataclasses import dataclass
 
@@ -81,22 +83,37 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def installed_file(path: str):
-    """The installed file a FAB path stands for (`fedcl/config.py`, `client/app.py` is
-    `fedcl.client`'s), or None for a path outside fedcl's packages (tests/ in a FAB
-    built with `flwr run .`): the ClientApp never imports those."""
-    from importlib.util import find_spec
+_INSTALLED: dict[str, str] = {}  # path below the fedcl package -> sha256, read at start
+
+
+def snapshot_installed() -> dict[str, str]:
+    """The installed fedcl's .py files as this process starts (its code is imported now;
+    a later change on disk is not what runs here until a restart), keyed by their path
+    below the `fedcl` package: `config.py`, `client/app.py` (fedcl/client is
+    `fedcl.client`, a folder or, in a checkout, a link to client/)."""
     from pathlib import Path
 
+    if not _INSTALLED:
+        root = Path(fedcl.__file__).parent
+        for folder, dirs, files in os.walk(root, followlinks=True):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            for name in files:
+                if name.endswith(".py"):
+                    path = Path(folder) / name
+                    _INSTALLED[path.relative_to(root).as_posix()] = _sha256(path.read_bytes())
+    return _INSTALLED
+
+
+def installed_key(path: str, installed: dict[str, str]) -> str | None:
+    """The installed file a FAB path stands for (`fedcl/config.py` is `config.py`,
+    `client/app.py` is `fedcl.client`'s), or None for a path outside fedcl's packages
+    (tests/ in a FAB built with `flwr run .`): the ClientApp never imports those."""
     top, _, rest = path.partition("/")
-    if not rest or not top.isidentifier():
+    if not rest:
         return None
     if top == "fedcl":
-        return Path(fedcl.__file__).parent / rest
-    spec = find_spec(f"fedcl.{top}")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / rest
+        return rest
+    return path if any(key.startswith(f"{top}/") for key in installed) else None
 
 
 def check_fab(content: bytes, fab_hash: str) -> int:
@@ -117,13 +134,13 @@ def check_fab(content: bytes, fab_hash: str) -> int:
         raise FabMismatch(f"not a Flower app bundle ({type(error).__name__}: {error})") from error
     if app_ref != APP_REF:
         raise FabMismatch(f"the FAB's ClientApp is {app_ref!r}; this executor runs only {APP_REF!r}")
-    differ, compared = [], 0
+    differ, compared, installed = [], 0, snapshot_installed()
     for path, sha in sorted(listed.items()):
-        local = installed_file(path) if path.endswith(".py") else None
-        if local is None:
+        key = installed_key(path, installed) if path.endswith(".py") else None
+        if key is None:
             continue
         compared += 1
-        if not local.is_file() or _sha256(local.read_bytes()) != sha:
+        if installed.get(key) != sha:
             differ.append(path)
     if differ:
         raise FabMismatch(f"{len(differ)} of the FAB's {compared} fedcl files differ from this node's installed "
@@ -228,6 +245,8 @@ def serve_task(address: str, token: str, task_id: int, *, certificates: bytes | 
     except (Exception, Stopped) as error:  # reported as flwr-clientapp reports it
         code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(error, FabMismatch) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
         outcome.details = f"{type(error).__name__}: {error}"
+        if not isinstance(error, (FabMismatch, Stopped)):
+            traceback.print_exc()  # the cause, in the executor's log (flwr-clientapp logs it too)
         if message is not None:
             reply = Message(Error(code=code, reason=outcome.details), reply_to=message)
         if isinstance(error, Stopped):
@@ -255,7 +274,7 @@ def serve_task(address: str, token: str, task_id: int, *, certificates: bytes | 
 
 def log_line(outcome: Outcome, served: int) -> str:
     """One greppable line per task; the test and the benchmark read these."""
-    state = "ok" if outcome.ok else f"failed | {outcome.details[:500]}"
+    state = "ok" if outcome.ok else f"failed | {' '.join(outcome.details.split())[:500]}"
     return (f"executor | pid {os.getpid()} | task {outcome.task_id} | run {outcome.run_id} | {outcome.kind} "
             f"| {outcome.seconds:.2f} s | served {served} | {state}")
 
@@ -318,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_stopped)
     signal.signal(signal.SIGINT, _raise_stopped)
     _load_app()  # an import error shows now, not at the first message
+    snapshot_installed()  # what the FABs are compared with: the code this process loads
     print(f"executor: pid {os.getpid()} serving ClientApp tasks of {args.runtime_api_address} "
           f"(fedcl {fedcl.__version__} from {os.path.dirname(fedcl.__file__)})", flush=True)
     try:

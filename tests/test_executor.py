@@ -78,11 +78,12 @@ def test_one_executor_process_serves_every_message_and_outlives_a_refused_task(t
         data = write_data(tmp_path)
         config = write_run_config(tmp_path / "deploy.toml", data["server"], dp=False)
         config.write_text(config.read_text().replace("clients = 3", "clients = 2"))
+        dep.start_link()
+        L.write_connection(dep.home, CONNECTION, dep.address, dep.files.ca_cert)
+        # Staged right before the executors start: they compare FABs with the files they found then.
         good = L.stage_app(REPO, tmp_path / "app")
         other = L.stage_app(REPO, tmp_path / "app-other")
         (other / "client" / "node.py").write_text((other / "client" / "node.py").read_text() + "# other\n")
-        dep.start_link()
-        L.write_connection(dep.home, CONNECTION, dep.address, dep.files.ca_cert)
         for i, name in enumerate(names):
             L.register_node(dep.files, name, CONNECTION, dep.home)
             dep.start_node(name, i, data[name], worker=(name == "hospital-a"), executor=True)
