@@ -21,8 +21,8 @@ a formula of the shape and the config (README, "Memory and time plan"):
   `model.gradient_checkpointing` keeps one hidden state per layer and one
   layer's full set;
 - transient: what lives beside them at the step's peak (`transient_elements`):
-  the whole decoder's key/value cache and the top layer's MLP temporaries at
-  the forward's end, or the top layer's MLP gradients in the backward;
+  the top layer's MLP temporaries at the forward's end, or its MLP gradients
+  in the backward (training runs the decoder with no key/value cache);
 - per-sample gradients (DP-SGD): rows per pass x LoRA parameters x 4 bytes,
   rows being `train.micro_batch_size` when set, else the batch;
 - frozen states (`lora.top_layers`): T x hidden x 4 bytes per training
@@ -48,7 +48,7 @@ from pathlib import Path
 
 from fedcl import models, shapes
 from fedcl.config import Config, split_list
-from fedcl.shapes import activation_elements, cache_elements, transient_elements
+from fedcl.shapes import activation_elements, transient_elements
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _LORA_BYTES = 4  # LoRA factors, their gradients and AdamW's moments stay float32
@@ -250,9 +250,6 @@ def plan_run(config: Config, *, available: int | None = None, cores: int | None 
     base_dtype = config.model.compute_dtype if device.startswith("cuda") else "float32"
     checkpointing = getattr(config.model, "gradient_checkpointing", False)
     kept = _kept_elements(shape_cfg, lora, r, seq, checkpointing=checkpointing, dp=dp)
-    # Only the whole decoder's forward fills a cache: the frozen-bottom body runs
-    # the top layers without one, and transformers turns it off under checkpointing.
-    cache = cache_elements(shape_cfg) * len(trained) if not (top or checkpointing) else 0
     head = 0
     if config.data.task == "instruction":
         # Full-vocabulary logits, their log-softmax and its gradient: at most three
@@ -260,7 +257,7 @@ def plan_run(config: Config, *, available: int | None = None, cores: int | None 
         head = 3 * tokens * shape_cfg.vocab_size * 4
     weights = count.total * BYTES[base_dtype]
     activations = kept * tokens * 4 + tokens * seq + head  # + the boolean padding mask, once
-    transient = transient_elements(shape_cfg, trained[-1], cache=cache) * tokens * 4
+    transient = transient_elements(shape_cfg, trained[-1]) * tokens * 4
     per_sample = (rows + 1) * trainable * _LORA_BYTES if dp else 0
     memory = {
         "weights": weights,

@@ -9,7 +9,7 @@ modules (what LoRA can wrap) and `count_params(config)` counts parameters
 from the config alone, total and active per token (a mixture of experts
 runs only its routed top-k), exactly as transformers builds the model (the
 tests compare it with the built tiny models, parameter for parameter).
-`activation_elements`, `cache_elements` and `transient_elements` count what
+`activation_elements` and `transient_elements` count what
 a training step's autograd keeps per token from the same shapes (the plan's
 activations; the tests compare them with saved-tensor hooks).
 
@@ -292,22 +292,11 @@ def activation_elements(shape_cfg, index: int, lora: list[Linear], r: int, seq: 
     return 2 * h + kept_inputs + attention + _mlp_elements(shape_cfg, linears) + r * len(lora)
 
 
-def cache_elements(shape_cfg) -> int:
-    """Per token and layer, the key/value cache the whole decoder's forward fills (its
-    config's use_cache) and drops at the forward's end: the un-repeated grouped key and
-    value, a copy beside the repeated ones SDPA keeps. None when no head is repeated
-    (SDPA then keeps the cache's own tensors, as MLA's full-width key/value)."""
-    if shape_cfg.model_type not in ("llama", "qwen2"):
-        return 0
-    kv = shape_cfg.num_key_value_heads
-    return 2 * kv * _head_dim(shape_cfg) if kv < shape_cfg.num_attention_heads else 0
-
-
-def transient_elements(shape_cfg, top: int, *, cache: int) -> int:
-    """Per token, what lives beside the kept tensors at the step's peak, the larger of:
-    the forward's end (the cache, `cache` elements, the top layer's MLP product and
-    output and the final norm: intermediate + 2 x hidden) and the top layer's backward
-    (the gradients of its MLP's three kept tensors and two hidden-width gradients)."""
+def transient_elements(shape_cfg, top: int) -> int:
+    """Per token, what lives beside the kept tensors at the step's peak: the top layer's
+    backward (the gradients of its MLP's three kept tensors and two hidden-width
+    gradients), which outgrows the forward's end (its MLP product and output and the
+    final norm: intermediate + 2 x hidden; training fills no key/value cache)."""
     h = shape_cfg.hidden_size
     mlp = _mlp_elements(shape_cfg, {lin.name: lin for lin in layer_linears(shape_cfg, top)})
-    return max(cache + mlp // 3 + 2 * h, mlp + 2 * h)
+    return mlp + 2 * h

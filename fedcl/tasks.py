@@ -143,7 +143,10 @@ class WholeDecoder:
     def last_hidden(self, model, batch: Batch) -> torch.Tensor:
         """(B, T, H) final-norm hidden states of the decoder."""
         decoder, _ = decoder_and_head(model)
-        return decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        # No key/value cache: nothing is generated, and a cache would hold every layer's
+        # keys and values until the forward ends (fedcl.plan counts none).
+        return decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       use_cache=False).last_hidden_state
 
 
 def _candidates(tokenizer, word: str) -> list[int]:
