@@ -482,6 +482,7 @@ def main() -> None:
     parser.add_argument("--large-mode", default="executor", choices=list(MODES), help="how the 12 SuperNodes run")
     parser.add_argument("--skip-fresh", action="store_true", help="the same as leaving fresh out of --modes")
     parser.add_argument("--keep-logs", type=Path, help="copy each deployment's process logs here")
+    parser.add_argument("--result", default=RESULT, help=f"file name in bench/results (default {RESULT})")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m and not (args.skip_fresh and m == "fresh")]
     if unknown := set(modes) - set(MODES):
@@ -496,7 +497,7 @@ def main() -> None:
     def save() -> None:  # after every run: a benchmark stopped half-way keeps what it measured
         result["ratio"], result["load_now"] = ratios(result), os.getloadavg()
         result["verdict"] = replies_line(result)
-        (RESULTS / RESULT).write_text(json.dumps(result, indent=2) + "\n")
+        (RESULTS / args.result).write_text(json.dumps(result, indent=2) + "\n")
 
     with tempfile.TemporaryDirectory(prefix="fedcl-bench-deploy-") as tmp:
         work = Path(tmp)

@@ -211,6 +211,8 @@ class Outcome:
     ok: bool = False
     details: str = ""
     seconds: float = 0.0
+    pulled: float = 0.0  # seconds into the task when its input was in, and when the ClientApp returned
+    handled: float = 0.0
 
 
 def _load_app():
@@ -237,11 +239,12 @@ def serve_task(address: str, token: str, task_id: int, *, certificates: bytes | 
         heartbeat.start()
         message, context, run, fab = pull_task_input(client)
         outcome.run_id, outcome.kind = run.run_id, message.metadata.message_type
+        outcome.pulled = time.perf_counter() - started
         if fab.hash_str not in checked:
             check_fab(fab.content, run.fab_hash)
             checked.add(fab.hash_str)
         reply = _load_app()(message=message, context=context)
-        outcome.ok = True
+        outcome.ok, outcome.handled = True, time.perf_counter() - started
     except (Exception, Stopped) as error:  # reported as flwr-clientapp reports it
         code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(error, FabMismatch) else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
         outcome.details = f"{type(error).__name__}: {error}"
@@ -276,7 +279,8 @@ def log_line(outcome: Outcome, served: int) -> str:
     """One greppable line per task; the test and the benchmark read these."""
     state = "ok" if outcome.ok else f"failed | {' '.join(outcome.details.split())[:500]}"
     return (f"executor | pid {os.getpid()} | task {outcome.task_id} | run {outcome.run_id} | {outcome.kind} "
-            f"| {outcome.seconds:.2f} s | served {served} | {state}")
+            f"| {outcome.seconds:.2f} s | served {served} | {state} | input {outcome.pulled:.2f} s, "
+            f"ClientApp {max(outcome.handled - outcome.pulled, 0):.2f} s")
 
 
 def serve(address: str, *, certificates: bytes | None, insecure: bool, poll_interval: float,
@@ -337,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_stopped)
     signal.signal(signal.SIGINT, _raise_stopped)
     _load_app()  # an import error shows now, not at the first message
+    import flwr.supercore.heartbeat  # noqa: F401  (and Flower's task functions: not during the first task)
+    import flwr.supernode.runtime.run_clientapp  # noqa: F401
     snapshot_installed()  # what the FABs are compared with: the code this process loads
     print(f"executor: pid {os.getpid()} serving ClientApp tasks of {args.runtime_api_address} "
           f"(fedcl {fedcl.__version__} from {os.path.dirname(fedcl.__file__)})", flush=True)
