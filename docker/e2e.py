@@ -261,7 +261,7 @@ def run_with_a_kill(compose: Compose, home: Path, work: Path, settings: dict, ar
     sh("docker", "exec", link, "test", "-f", f"{RUN_DIR}/adapters/round-{args.rounds}/adapter_model.safetensors")
     return {"run_id": run_id, "status": status, "rounds": args.rounds, "killed": args.kill,
             "killed_in_round": killed_in, "replies_by_round": ids,
-            "round_seconds": [r.get("seconds") for r in metrics["rounds"]], "run_s": run_s,
+            "round_seconds": [r.get("round_seconds") for r in metrics["rounds"]], "run_s": run_s,
             "load_1min_during_run": [load_at_submit, os.getloadavg()[0]]}  # at submit, at the end
 
 
