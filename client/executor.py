@@ -260,10 +260,10 @@ def serve_task(address: str, token: str, task_id: int, *, certificates: bytes | 
                 push_message(client, reply, context)
         except Exception as error:  # the reply is lost; the status still says why
             outcome.ok, outcome.details = False, f"reply not pushed ({type(error).__name__}: {error})"
+        if heartbeat.is_running:  # first: a beat after the final status is refused (its token is gone)
+            heartbeat.stop()
         push_task_output(client, context, SubStatus.COMPLETED if outcome.ok else SubStatus.FAILED,
                          "" if outcome.ok else outcome.details)
-        if heartbeat.is_running:
-            heartbeat.stop()
         client.close()
         outcome.seconds = time.perf_counter() - started
         if lost:
