@@ -41,6 +41,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from fedcl import atomic
+
 RESULTS = Path(__file__).parent / "results"
 RESULT = "dp_recipe.json"
 REPO = Path(__file__).resolve().parent.parent
@@ -140,10 +142,7 @@ def save(rows: list[dict]) -> None:
     key = lambda r: (r["dataset"], r["row"], r["seed"])  # noqa: E731
     merged = {key(r): r for r in old["rows"]}
     merged.update({key(r): r for r in rows})
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"how": __doc__.split("\n\n")[2].strip(), "rows": list(merged.values())},
-                              indent=2) + "\n")
-    tmp.replace(path)
+    atomic.write_json(path, {"how": __doc__.split("\n\n")[2].strip(), "rows": list(merged.values())})
 
 
 def main() -> int:

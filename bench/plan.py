@@ -174,6 +174,11 @@ def replan(rows: list[dict]) -> None:
                        ratio=round(plan.client_bytes / row["measured_bytes"], 3))
 
 
+def live_bytes(parts: dict) -> int:
+    """The plan's live working set: what a step allocates beyond the weights and optimiser."""
+    return sum(parts.get(k, 0) for k in ("activations", "transient", "per_sample"))
+
+
 def render(rows: list[dict]) -> list[str]:
     """Table rows: the live working set the plan counts, its whole estimate, and the measured peak."""
     lines = ["| model | batch x tokens | DP | top layers | live estimate MB | estimate MB | measured MB | "
@@ -183,7 +188,7 @@ def render(rows: list[dict]) -> list[str]:
             lines.append(f"| {' '.join(r['settings'])} | error: {r['error'][:80]} ||||||")
             continue
         parts = r["estimate_parts"]
-        live = sum(parts.get(k, 0) for k in ("activations", "transient", "per_sample"))
+        live = live_bytes(parts)
         ratio = r["estimate_bytes"] / r["measured_bytes"]
         ok = "" if abs(ratio - 1) <= GOAL else " (outside 25%)"
         lines.append(f"| {r['model']} | {r['batch']} x {r['padded_length']} | {'on' if r['dp'] else 'off'} | "
@@ -201,7 +206,7 @@ def render_heap(rows: list[dict]) -> list[str]:
             lines.append(f"| {' '.join(r['settings'])} | error: {r['error'][:80]} ||||||")
             continue
         parts, p = r["estimate_parts"], r["heap_peaks"]
-        live = sum(parts.get(k, 0) for k in ("activations", "transient", "per_sample"))
+        live = live_bytes(parts)
         held = p["heap"] + p["mapped"]
         lines.append(f"| {r['model']} | {r['batch']} x {r['padded_length']} | {'on' if r['dp'] else 'off'} | "
                      f"{live / 1e6:.1f} | {p['in_use'] / 1e6:.1f} | {held / 1e6:.1f} | "
