@@ -5,6 +5,7 @@ the same federation without DP, at other epsilons, non-IID and centralised (issu
     .venv/bin/python -m bench.dp_recipe --dataset cfpb --rows nodp --parallel 1
     .venv/bin/python -m bench.dp_recipe --dataset icd10 --rows eps8 --seeds 0,1
     .venv/bin/python -m bench.dp_recipe --quick --rows nodp,eps8   # the script itself, tiny model
+    .venv/bin/python -m bench.dp_recipe --rows eps8 --set train.lr=2e-2 --tag lr2e-2   # another setting
 
 Every row is the shipped recipe (5 clients, SmolLM2-135M with its 30 layers, LoRA in the
 top 2, logical batch 256, 10 steps x 5 rounds, each client's validation split held out of
@@ -81,7 +82,7 @@ def worker(spec: dict, work: Path) -> dict:
     torch.set_num_threads(1)
     config_file, dataset = CONFIGS[spec["dataset"]]
     overrides = [f"data.dataset={dataset}", f"train.seed={spec['seed']}", *ROWS[spec["row"]],
-                 *(QUICK if spec.get("quick") else [])]
+                 *spec.get("extra", []), *(QUICK if spec.get("quick") else [])]
     config = load_config(REPO / config_file, overrides + [f"run.out_dir={work / 'run'}",
                                                           f"run.state_dir={work / 'state'}"])
     started = time.perf_counter()
@@ -95,6 +96,7 @@ def worker(spec: dict, work: Path) -> dict:
             "majority": last["eval"]["majority_baseline"], "test_records": last["eval"]["num_examples"],
             "initial_accuracy": metrics.get("initial_eval", {}).get("accuracy"),
             "accuracy_per_round": [r["eval"]["accuracy"] for r in metrics["rounds"]],
+            "validation_accuracy_per_round": [r.get("federated_eval", {}).get("accuracy") for r in metrics["rounds"]],
             "validation_accuracy": last.get("federated_eval", {}).get("accuracy"),
             "validation_macro_f1": last.get("federated_eval", {}).get("macro_f1"),
             "round_seconds": [r.get("round_seconds") for r in metrics["rounds"]],
@@ -118,8 +120,13 @@ def _keep_cache(state: Path, pool: Path) -> None:
         shutil.copy2(f, pool / f.parent.name / CACHE_FILE)
 
 
+def row_name(spec: dict) -> str:
+    """The row, with its `--tag` when it was run with other settings (`--set`)."""
+    return spec["row"] + (f"-{spec['tag']}" if spec.get("tag") else "")
+
+
 def run_one(spec: dict, root: Path) -> dict:
-    work = root / f"{spec['dataset']}-{spec['row']}-seed{spec['seed']}"
+    work = root / f"{spec['dataset']}-{row_name(spec)}-seed{spec['seed']}"
     shutil.rmtree(work, ignore_errors=True)
     (work / "state").mkdir(parents=True)
     pool = root / "pool" / spec["dataset"] / partition_of(spec["row"], spec["seed"])
@@ -139,7 +146,7 @@ def run_one(spec: dict, root: Path) -> dict:
 def save(rows: list[dict]) -> None:
     path = RESULTS / RESULT
     old = json.loads(path.read_text()) if path.exists() else {"rows": []}
-    key = lambda r: (r["dataset"], r["row"], r["seed"])  # noqa: E731
+    key = lambda r: (r["dataset"], row_name(r), r["seed"])  # noqa: E731
     merged = {key(r): r for r in old["rows"]}
     merged.update({key(r): r for r in rows})
     atomic.write_json(path, {"how": __doc__.split("\n\n")[2].strip(), "rows": list(merged.values())})
@@ -152,6 +159,9 @@ def main() -> int:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--parallel", type=int, default=1)
     ap.add_argument("--root", default="/tmp/fedcl-dp-recipe", help="run folders and the shared states")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="another setting for every row (e.g. train.lr=2e-2); needs --tag")
+    ap.add_argument("--tag", default="", help="names the --set rows in the results (e.g. lr2e-2)")
     ap.add_argument("--quick", action="store_true", help="check the script: tiny model, results not saved")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -164,7 +174,13 @@ def main() -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         ap.error(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
-    specs = [{"dataset": args.dataset, "row": r, "seed": int(s), **({"quick": True} if args.quick else {})}
+    if bool(args.set) != bool(args.tag):
+        ap.error("--set and --tag go together: the tag names the rows run with other settings")
+    bad = [kv for kv in args.set if "=" not in kv]
+    if bad:
+        ap.error(f"--set {bad[0]!r}: expected KEY=VALUE, e.g. train.lr=2e-2")
+    extra = {"extra": args.set, "tag": args.tag} if args.set else {}
+    specs = [{"dataset": args.dataset, "row": r, "seed": int(s), **extra, **({"quick": True} if args.quick else {})}
              for s in args.seeds.split(",") for r in rows]
     root, done = Path(args.root), []
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
@@ -174,8 +190,8 @@ def main() -> int:
             done.append(result)
             if not args.quick:
                 save(done)
-            print(json.dumps({k: result.get(k) for k in ("dataset", "row", "seed", "accuracy", "macro_f1",
-                                                         "max_client_epsilon", "seconds", "error")}), flush=True)
+            print(json.dumps({"name": row_name(result), **{k: result.get(k) for k in ("dataset", "seed", "accuracy", "macro_f1",
+                                                         "max_client_epsilon", "seconds", "error")}}), flush=True)
     return 0 if all("error" not in r for r in done) else 1
 
 
