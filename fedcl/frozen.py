@@ -247,6 +247,68 @@ class FrozenBottom:
                             batch.position_ids.to(device), range(self.start, self.num_layers))
         return decoder.norm(hidden)
 
+    def last_token(self, model, batch: Batch) -> torch.Tensor:
+        """(B, H) final-norm hidden state at the last position, as `last_hidden(...)[:, -1]` gives it.
+
+        A classification score reads the last position only, so the top layer
+        needs every position's keys and values but nothing else of the positions
+        before the last: its query, attention output, MLP and norm run on the last
+        token alone (about 1/T of that layer's work, T the batch's width). Where
+        that shortcut is not known to hold (an architecture outside
+        `LAST_TOKEN_ARCHITECTURES`, reentrant checkpointing, a mask that is not a
+        tensor) the whole top layer runs.
+        """
+        if batch.hidden is None:
+            return WholeDecoder().last_token(model, batch)
+        decoder, _ = decoder_and_head(model)
+        top = decoder.layers[-1] if len(decoder.layers) == self.num_layers else None
+        if (top is None or getattr(decoder.config, "model_type", None) not in LAST_TOKEN_ARCHITECTURES
+                or accelerator.checkpointing_on(decoder) or batch.hidden.shape[1] < 2):
+            return self.last_hidden(model, batch)[:, -1, :]
+        device = decoder.norm.weight.device
+        hidden, mask = batch.hidden.to(device), batch.attention_mask.to(device)
+        position_ids = batch.position_ids.to(device)
+        like = hidden.to(decoder.embed_tokens.weight.dtype)
+        layers = range(self.start, self.num_layers)
+        masks = _layer_masks(decoder, like, mask, position_ids, layers)
+        if masks[-1] is not None and not (isinstance(masks[-1], torch.Tensor) and masks[-1].dim() == 4):
+            return self.last_hidden(model, batch)[:, -1, :]
+        rotary = decoder.rotary_emb(like, position_ids)
+        for i, layer_mask in zip(layers[:-1], masks[:-1]):
+            hidden = decoder.layers[i](hidden, attention_mask=layer_mask, position_embeddings=rotary,
+                                       position_ids=position_ids, cache=None, use_cache=False)
+        cos, sin = rotary
+        earlier = _EarlierKeys(top, hidden[:, :-1], cos[:, :-1], sin[:, :-1])
+        last_mask = None if masks[-1] is None else masks[-1][:, :, -1:, :]
+        out = top(hidden[:, -1:], attention_mask=last_mask, position_embeddings=(cos[:, -1:], sin[:, -1:]),
+                  position_ids=position_ids[:, -1:], cache=earlier, use_cache=False)
+        return decoder.norm(out)[:, -1, :]
+
+
+# Decoder layers whose attention takes its keys and values through `cache.update` after the
+# rotary embedding and reads the cache for nothing else (checked against transformers' code
+# and by tests/test_frozen.py): for these the top layer may run on the last token alone.
+LAST_TOKEN_ARCHITECTURES = ("llama", "qwen2")
+
+
+class _EarlierKeys:
+    """The top layer's keys and values of every position before the last, handed to its
+    attention as a read-only cache: `update` puts them in front of the last token's own."""
+
+    def __init__(self, layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        import sys
+
+        attn = layer.self_attn
+        rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model's own
+        normed = layer.input_layernorm(hidden)
+        shape = (*normed.shape[:-1], -1, attn.head_dim)
+        keys = attn.k_proj(normed).view(shape).transpose(1, 2)
+        self.values = attn.v_proj(normed).view(shape).transpose(1, 2)
+        _, self.keys = rotate(keys, keys, cos, sin)
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, keys], dim=2), torch.cat([self.values, values], dim=2)
+
 
 def _fingerprint(decoder, model_cfg: ModelConfig, top_layers: int, task) -> str:
     parts = {

@@ -68,11 +68,14 @@ class Task(Protocol):
 
 
 class Body(Protocol):
-    """How a batch goes through the transformer: `prepare` at encoding, `last_hidden` in a loss."""
+    """How a batch goes through the transformer: `prepare` at encoding, `last_hidden` in a loss
+    (`last_token` where a loss reads the last position only)."""
 
     def prepare(self, batch: Batch) -> Batch: ...
 
     def last_hidden(self, model, batch: Batch) -> torch.Tensor: ...
+
+    def last_token(self, model, batch: Batch) -> torch.Tensor: ...
 
 
 def _pad_left(seqs: list[list[int]], pad_id: int, fill: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +150,10 @@ class WholeDecoder:
         # keys and values until the forward ends (fedcl.plan counts none).
         return decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        use_cache=False).last_hidden_state
+
+    def last_token(self, model, batch: Batch) -> torch.Tensor:
+        """(B, H) final-norm hidden state at the last position (batches are left-padded)."""
+        return self.last_hidden(model, batch)[:, -1, :]
 
 
 def _candidates(tokenizer, word: str) -> list[int]:
@@ -265,7 +272,7 @@ class ClassificationTask:
         computing the full vocabulary projection at every position.
         """
         _, head = decoder_and_head(model)
-        last = self.body.last_hidden(model, batch)[:, -1, :]
+        last = self.body.last_token(model, batch)
         rows = head.weight[self.label_token_ids]
         return (last @ rows.to(last.dtype).T).float()
 

@@ -163,6 +163,34 @@ def test_a_loss_runs_neither_the_embedding_nor_the_bottom_layers():
         model.zero_grad(set_to_none=True)
 
 
+@pytest.mark.parametrize("name, shortcut", [("tiny-llama", True), ("tiny-qwen2", True), (DEEP, True),
+                                            ("tiny-deepseek-v2", False)])
+def test_a_classification_score_runs_the_top_layer_on_the_last_token_only(name, shortcut):
+    top = 2 if name == DEEP else 1
+    config = config_for(name, top)
+    model, tokenizer = lively_model(config)
+    plain, cached = tasks_for(config, model, tokenizer)
+    decoder = model.get_base_model().get_decoder()
+    widths = {}
+
+    def record(i):
+        def hook(module, args, output):
+            widths[i] = args[0].shape[1]  # returns None: the output is left as it is
+        return hook
+    hooks = [layer.mlp.register_forward_hook(record(i)) for i, layer in enumerate(decoder.layers)]
+    try:
+        batch = cached.encode(classification_records())
+        widths.clear()
+        got = cached.logits(model, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    width, last = batch.hidden.shape[1], len(decoder.layers) - 1
+    assert widths[last] == (1 if shortcut else width)  # the top layer's MLP: the last token alone
+    assert all(widths[i] == width for i in range(len(decoder.layers) - top, last))  # layers below it: all
+    assert torch.allclose(got, plain.logits(model, plain.encode(classification_records())), atol=1e-5, rtol=0)
+
+
 def test_padding_enters_the_top_layers_as_zeros():
     config = config_for("tiny-llama", 1)
     model, tokenizer = lively_model(config)
