@@ -42,7 +42,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from fedcl import atomic
+from fedcl import atomic, keys
 
 RESULTS = Path(__file__).parent / "results"
 RESULT = "dp_recipe.json"
@@ -89,19 +89,19 @@ def worker(spec: dict, work: Path) -> dict:
     run_inprocess(config)
     seconds = time.perf_counter() - started
     metrics = json.loads((work / "run" / "metrics.json").read_text())
-    last = metrics["rounds"][-1]
-    privacy = metrics.get("privacy", {})
+    rounds = metrics[keys.ROUNDS]
+    last, privacy = rounds[-1], metrics.get(keys.PRIVACY, {})
     return {**spec, "config": config_file, "overrides": overrides, "seconds": round(seconds, 1),
-            "accuracy": last["eval"]["accuracy"], "macro_f1": last["eval"]["macro_f1"],
-            "majority": last["eval"]["majority_baseline"], "test_records": last["eval"]["num_examples"],
-            "initial_accuracy": metrics.get("initial_eval", {}).get("accuracy"),
-            "accuracy_per_round": [r["eval"]["accuracy"] for r in metrics["rounds"]],
-            "validation_accuracy_per_round": [r.get("federated_eval", {}).get("accuracy") for r in metrics["rounds"]],
-            "validation_accuracy": last.get("federated_eval", {}).get("accuracy"),
-            "validation_macro_f1": last.get("federated_eval", {}).get("macro_f1"),
-            "round_seconds": [r.get("round_seconds") for r in metrics["rounds"]],
-            "max_client_epsilon": privacy.get("max_client_epsilon", 0.0),
-            "client_epsilons": {k: v["epsilon"] for k, v in privacy.get("clients", {}).items()}}
+            "accuracy": last[keys.EVAL][keys.ACCURACY], "macro_f1": last[keys.EVAL][keys.MACRO_F1],
+            "majority": last[keys.EVAL][keys.MAJORITY], "test_records": last[keys.EVAL][keys.NUM_EXAMPLES],
+            "initial_accuracy": metrics.get(keys.INITIAL_EVAL, {}).get(keys.ACCURACY),
+            "accuracy_per_round": [r[keys.EVAL][keys.ACCURACY] for r in rounds],
+            "validation_accuracy": last.get(keys.FEDERATED_EVAL, {}).get(keys.ACCURACY),
+            "validation_macro_f1": last.get(keys.FEDERATED_EVAL, {}).get(keys.MACRO_F1),
+            "validation_accuracy_per_round": [r.get(keys.FEDERATED_EVAL, {}).get(keys.ACCURACY) for r in rounds],
+            "round_seconds": [r.get(keys.ROUND_SECONDS) for r in rounds],
+            "max_client_epsilon": privacy.get(keys.MAX_CLIENT_EPSILON, 0.0),
+            "client_epsilons": {k: v[keys.EPSILON] for k, v in privacy.get(keys.CLIENTS, {}).items()}}
 
 
 def _seed_cache(pool: Path, state: Path) -> bool:
