@@ -33,6 +33,7 @@ bench/results/dp_recipe.json, merged by (dataset, row, seed).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -104,12 +105,46 @@ def worker(spec: dict, work: Path) -> dict:
             "client_epsilons": {k: v[keys.EPSILON] for k, v in privacy.get(keys.CLIENTS, {}).items()}}
 
 
-def _seed_cache(pool: Path, state: Path) -> bool:
-    files = sorted(pool.glob(f"client-*/{CACHE_FILE}"))
-    for f in files:
+def _seed_cache(root: Path, partition: str, state: Path, clients: int) -> str | bool:
+    """Give the run's node folders frozen states made earlier: the same partition's files
+    ("own"), else every record's states merged from another partition's ("merged": the
+    states are keyed by record, so any split of the same records finds its own)."""
+    own = sorted((root / partition).glob(f"client-*/{CACHE_FILE}"))
+    for f in own:
         (state / f.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, state / f.parent.name / CACHE_FILE)
-    return bool(files)
+    if own:
+        return "own"
+    merged = _merged(root)
+    if merged is None:
+        return False
+    for client in range(clients):
+        (state / f"client-{client}").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(merged, state / f"client-{client}" / CACHE_FILE)
+    return "merged"
+
+
+def _merged(root: Path) -> Path | None:
+    """One file with the states of every record in the dataset's pool (built once)."""
+    import torch
+
+    from fedcl.frozen import read_states, write_states
+
+    merged = root / "merged.fedcl"
+    files = sorted(root.glob(f"*/client-*/{CACHE_FILE}"))
+    if merged.exists() or not files:
+        return merged if merged.exists() else None
+    blob = files[0].read_bytes()
+    payload = blob.split(b"\n", 2)[2]  # after the magic line and the checksum line
+    fingerprint = torch.load(io.BytesIO(payload), weights_only=True)["fingerprint"]
+    states: dict = {}
+    for f in files:
+        found = read_states(f, fingerprint)
+        if not found:
+            raise RuntimeError(f"{f}: not readable under the pool's fingerprint; remove the pool ({root})")
+        states.update(found)
+    write_states(merged, fingerprint, states)
+    return merged
 
 
 def _keep_cache(state: Path, pool: Path) -> None:
@@ -129,8 +164,10 @@ def run_one(spec: dict, root: Path) -> dict:
     work = root / f"{spec['dataset']}-{row_name(spec)}-seed{spec['seed']}"
     shutil.rmtree(work, ignore_errors=True)
     (work / "state").mkdir(parents=True)
-    pool = root / "pool" / spec["dataset"] / partition_of(spec["row"], spec["seed"])
-    seeded = _seed_cache(pool, work / "state")
+    pools = root / "pool" / spec["dataset"]
+    pool = pools / partition_of(spec["row"], spec["seed"])
+    clients = 1 if spec["row"].startswith("central") else CLIENTS
+    seeded = _seed_cache(pools, pool.name, work / "state", clients)
     log = work / "log.txt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with log.open("w") as out:
