@@ -8,13 +8,13 @@ the same federation without DP, at other epsilons, non-IID and centralised (issu
     .venv/bin/python -m bench.dp_recipe --rows eps8 --set train.lr=2e-2 --tag lr2e-2   # another setting
 
 Every row is the shipped recipe (5 clients, SmolLM2-135M with its 30 layers, LoRA in the
-top 2, logical batch 256, 10 steps x 5 rounds, each client's validation split held out of
-its training records) with one change, named in the row's `overrides`:
+top layer, logical batch 256, 60 steps x 5 rounds, each client's validation split held out
+of its training records) with one change, named in the row's `overrides`:
 
 - `nodp`: privacy off; the same batch, steps and learning rate (so the same compute);
 - `eps1`, `eps3`, `eps8`: sample-level DP-SGD at that epsilon over the whole run;
 - `dirichlet-nodp`, `dirichlet-eps8`: labels split Dirichlet(0.5) over the clients;
-- `central-nodp`: one client holding every training record, 5 x 10 steps a round (the
+- `central-nodp`: one client holding every training record, 5 x the steps a round (the
   federation's optimiser steps and examples together).
 
 Each run is the real ServerApp and ClientApp driven in one process (`fedcl.ops.run.
@@ -25,8 +25,8 @@ first run of a partition most of its time (about 4 minutes per ICD client on one
 core): the rows of one partition (same clients, split and seed) share them, copied
 from the first finished run's node state folders (`frozen-states.fedcl`, checked by
 its fingerprint) into each later run's; a row's `seeded_cache` says whether it had
-them. Learning rate: the recipe's, not tuned (the rows' validation figures are
-reported so a choice can be made on them). Results are written after every run to
+them. Learning rate and steps: the recipe's, chosen on the validation figures of
+`--set`/`--tag` rows (BENCHMARKS.md), never on the test split. Results are written after every run to
 bench/results/dp_recipe.json, merged by (dataset, row, seed).
 """
 
@@ -50,7 +50,7 @@ RESULT = "dp_recipe.json"
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {"icd10": ("configs/dp-icd10.toml", "icd10-chapters"),
            "cfpb": ("configs/dp-cfpb.toml", "cfpb-complaints")}
-CLIENTS, LOCAL_STEPS = 5, 10
+CLIENTS = 5
 ROWS = {
     "nodp": ["privacy.target_epsilon=0"],
     "eps1": ["privacy.target_epsilon=1"],
@@ -58,8 +58,7 @@ ROWS = {
     "eps8": ["privacy.target_epsilon=8"],
     "dirichlet-nodp": ["privacy.target_epsilon=0", "data.partition=dirichlet", "data.alpha=0.5"],
     "dirichlet-eps8": ["privacy.target_epsilon=8", "data.partition=dirichlet", "data.alpha=0.5"],
-    "central-nodp": ["privacy.target_epsilon=0", "federation.clients=1",
-                     f"train.local_steps={CLIENTS * LOCAL_STEPS}"],
+    "central-nodp": ["privacy.target_epsilon=0", "federation.clients=1"],  # + CLIENTS x the local steps
 }
 CACHE_FILE = "frozen-states.fedcl"
 # --quick: the script itself checked in a minute (tiny model, few records, one round).
@@ -84,6 +83,9 @@ def worker(spec: dict, work: Path) -> dict:
     config_file, dataset = CONFIGS[spec["dataset"]]
     overrides = [f"data.dataset={dataset}", f"train.seed={spec['seed']}", *ROWS[spec["row"]],
                  *spec.get("extra", []), *(QUICK if spec.get("quick") else [])]
+    if spec["row"].startswith("central"):  # the federation's optimiser steps, on one client
+        steps = load_config(REPO / config_file, overrides).train.local_steps
+        overrides.append(f"train.local_steps={CLIENTS * steps}")
     config = load_config(REPO / config_file, overrides + [f"run.out_dir={work / 'run'}",
                                                           f"run.state_dir={work / 'state'}"])
     started = time.perf_counter()
