@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
@@ -329,3 +330,23 @@ def test_closed_choices_list_the_allowed_values():
         load_config(overrides=["model.compute_dtype=float8"])
     with pytest.raises(ConfigError, match=r"expected one of iid, dirichlet, column$"):
         load_config(overrides=["data.partition=random"])
+
+
+SHIPPED = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_load_and_plan(path):
+    """The recipes in configs/ load, validate and have a memory plan; the DP ones are private."""
+    from fedcl.plan import plan_run
+
+    config = load_config(path)
+    plan = plan_run(config, available=10**12)
+    assert plan.trainable > 0 and not plan.warnings
+    if path.name.startswith("dp-"):
+        assert config.privacy.enabled and config.privacy.target_epsilon > 0
+        assert 0 < config.lora.top_layers and config.lora.frozen_cache == "file"
+
+
+def test_configs_folder_holds_the_dp_recipes():
+    assert {p.name for p in SHIPPED} >= {"dp-icd10.toml", "dp-cfpb.toml"}
