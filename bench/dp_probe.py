@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from fedcl import atomic
+from fedcl import atomic, keys
 
 RESULTS = Path(__file__).parent / "results" / "dp_probe.json"
 REPO = Path(__file__).resolve().parent.parent
@@ -74,16 +74,13 @@ def train_probe(x, y, labels: int, *, lr: float, epsilon: float, seed: int):
     return probe, sigma, spent
 
 
-def accuracy_and_f1(probe, x, y, labels: int) -> tuple[float, float]:
+def accuracy_and_f1(probe, x, y, labels: list[str]) -> tuple[float, float]:
+    from fedcl import metrics
+
     with torch.no_grad():
         pred = probe(x).argmax(dim=1)
-    f1s = []
-    for k in range(labels):
-        tp = int(((pred == k) & (y == k)).sum())
-        fp, fn = int(((pred == k) & (y != k)).sum()), int(((pred != k) & (y == k)).sum())
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
-    return float((pred == y).float().mean()), sum(f1s) / len(f1s)
+    report = metrics.classification_report(y.tolist(), pred.tolist(), labels)
+    return report[keys.ACCURACY], report[keys.MACRO_F1]
 
 
 def main() -> int:
@@ -135,10 +132,10 @@ def main() -> int:
         for lr in LRS:
             probe, sigma, spent = train_probe(xs["train"], ys["train"], len(ds.labels), lr=lr,
                                               epsilon=epsilon, seed=args.seed)
-            tried.append((accuracy_and_f1(probe, xs["validation"], ys["validation"], len(ds.labels))[0],
+            tried.append((accuracy_and_f1(probe, xs["validation"], ys["validation"], ds.labels)[0],
                           lr, probe, sigma, spent))
         val, lr, probe, sigma, spent = max(tried, key=lambda t: t[0])
-        acc, f1 = accuracy_and_f1(probe, xs["test"], ys["test"], len(ds.labels))
+        acc, f1 = accuracy_and_f1(probe, xs["test"], ys["test"], ds.labels)
         row = {"dataset": args.dataset, "epsilon": epsilon, "seed": args.seed, "lr": lr,
                "validation_by_lr": {str(t[1]): round(t[0], 4) for t in tried}, "validation_accuracy": val,
                "accuracy": acc, "macro_f1": f1, "noise_multiplier": sigma, "epsilon_spent": spent,
