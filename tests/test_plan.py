@@ -182,12 +182,8 @@ def test_gradient_checkpointing_keeps_one_hidden_state_per_layer():
     assert ckpt.flops_per_step > whole.flops_per_step  # the forward runs twice
 
 
-@pytest.mark.parametrize("name, tolerance", [("tiny-llama", 0.02), ("tiny-qwen2", 0.02),
-                                             ("tiny-deepseek-v2", 0.1), ("tiny-deepseek-v3", 0.1)])
-def test_kept_activations_match_what_autograd_saves(name, tolerance):
-    """On a padded batch the plan's kept elements are the distinct tensors autograd saves."""
-    cfg = config(f"model.name={name}", "model.max_length=32", "train.batch_size=4")
-    model, _ = models.build_lora_model(cfg.model, cfg.lora)
+def saved_float_bytes(model, forward) -> int:
+    """Bytes of the distinct floating tensors autograd saves while `forward()` runs (parameters excluded)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -197,16 +193,27 @@ def test_kept_activations_match_what_autograd_saves(name, tolerance):
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("name, tolerance", [("tiny-llama", 0.02), ("tiny-qwen2", 0.02),
+                                             ("tiny-deepseek-v2", 0.1), ("tiny-deepseek-v3", 0.1)])
+def test_kept_activations_match_what_autograd_saves(name, tolerance):
+    """On a padded batch the plan's kept elements are the distinct tensors autograd saves."""
+    cfg = config(f"model.name={name}", "model.max_length=32", "train.batch_size=4")
+    model, _ = models.build_lora_model(cfg.model, cfg.lora)
     ids = torch.randint(2, 1000, (4, 32))
     mask = torch.ones_like(ids)
     mask[0, :5] = 0  # left padding: the masked path, as batches padded to their longest record
     decoder = model.get_base_model().get_decoder()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1].sum()
+    saved = saved_float_bytes(
+        model, lambda: decoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1].sum())
     shape_cfg = models.tiny_config(name)
     planned = sum(activation_elements(shape_cfg, i, lora_modules(shape_cfg, "auto", i), cfg.lora.r, 32)
                   for i in range(shape_cfg.num_hidden_layers)) * 4 * 32 * 4
-    assert sum(saved.values()) == pytest.approx(planned, rel=tolerance)
+    assert saved == pytest.approx(planned, rel=tolerance)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
@@ -221,25 +228,15 @@ def test_a_top_layer_run_on_the_last_token_keeps_what_the_plan_counts(name):
     model, tokenizer = models.build_lora_model(cfg.model, cfg.lora)
     task = use_frozen_bottom(make_task("classification", tokenizer, ["no", "yes"], cfg.data, cfg.model, cfg.train),
                              model, cfg.model, cfg.lora)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params and t.dtype.is_floating_point:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
     mask = torch.ones(rows, seq, dtype=torch.long)
     mask[0, :5] = 0  # left padding, as batches padded to their longest record
     hidden = torch.randn(rows, seq, models.tiny_config(name).hidden_size) * mask[..., None]
     batch = Batch(torch.ones_like(mask), mask, torch.zeros(rows, dtype=torch.long), hidden=hidden,
                   position_ids=torch.arange(seq)[None])
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        task.body.last_token(model, batch).sum()
+    saved = saved_float_bytes(model, lambda: task.body.last_token(model, batch).sum())
     plan = plan_run(cfg, available=10**12)
     planned = plan.memory["activations"] - rows * seq * seq  # the boolean mask is no float tensor
-    assert sum(saved.values()) == pytest.approx(planned, rel=0.1)
+    assert saved == pytest.approx(planned, rel=0.1)
     # Under checkpointing the whole top layer runs (forward, backward, forward again).
     whole = plan_run(config(f"model.name={name}", f"model.max_length={seq}", f"train.batch_size={rows}",
                             "lora.top_layers=1", "model.gradient_checkpointing=true"), available=10**12)
