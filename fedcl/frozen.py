@@ -268,18 +268,14 @@ class FrozenBottom:
         device = decoder.norm.weight.device
         hidden, mask = batch.hidden.to(device), batch.attention_mask.to(device)
         position_ids = batch.position_ids.to(device)
-        like = hidden.to(decoder.embed_tokens.weight.dtype)
-        layers = range(self.start, self.num_layers)
-        masks = _layer_masks(decoder, like, mask, position_ids, layers)
-        if masks[-1] is not None and not (isinstance(masks[-1], torch.Tensor) and masks[-1].dim() == 4):
+        like = hidden.to(decoder.embed_tokens.weight.dtype)  # as run_layers makes masks and rotary
+        (top_mask,) = _layer_masks(decoder, like, mask, position_ids, range(self.num_layers - 1, self.num_layers))
+        if top_mask is not None and not (isinstance(top_mask, torch.Tensor) and top_mask.dim() == 4):
             return self.last_hidden(model, batch)[:, -1, :]
-        rotary = decoder.rotary_emb(like, position_ids)
-        for i, layer_mask in zip(layers[:-1], masks[:-1]):
-            hidden = decoder.layers[i](hidden, attention_mask=layer_mask, position_embeddings=rotary,
-                                       position_ids=position_ids, cache=None, use_cache=False)
-        cos, sin = rotary
+        hidden = run_layers(decoder, hidden, mask, position_ids, range(self.start, self.num_layers - 1))
+        cos, sin = decoder.rotary_emb(like, position_ids)
         earlier = _EarlierKeys(top, hidden[:, :-1], cos[:, :-1], sin[:, :-1])
-        last_mask = None if masks[-1] is None else masks[-1][:, :, -1:, :]
+        last_mask = None if top_mask is None else top_mask[:, :, -1:, :]
         out = top(hidden[:, -1:], attention_mask=last_mask, position_embeddings=(cos[:, -1:], sin[:, -1:]),
                   position_ids=position_ids[:, -1:], cache=earlier, use_cache=False)
         return decoder.norm(out)[:, -1, :]
