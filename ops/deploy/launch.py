@@ -58,8 +58,10 @@ def flwr_env(flwr_home: Path | None = None) -> dict[str, str]:
 
 
 def superlink_command(files: DeployFiles, *, host: str, port: int, database: Path) -> list[str]:
-    """One port serves the Control, Fleet and ServerApp runtime APIs (Flower 1.42)."""
-    return ["flower-superlink", "--ssl-ca-certfile", str(files.ca_cert),
+    """One port serves the Control, Fleet and ServerApp runtime APIs (Flower 1.42).
+    flower-superlink runs through fedcl's wrapper, whose SQLite state waits longer for a
+    lock (`fedcl.ops.deploy.superlink`)."""
+    return ["python", "-m", "fedcl.ops.deploy.superlink", "--ssl-ca-certfile", str(files.ca_cert),
             "--ssl-certfile", str(files.server_cert), "--ssl-keyfile", str(files.server_key),
             "--database", str(database), "--enable-supernode-auth",
             "--disable-runtime-dependency-installation", "--host", host, "--port", str(port)]
