@@ -65,11 +65,11 @@ def test_a_worker_that_cannot_start_is_reported_with_its_log(tmp_path, capsys):
     assert "FileExistsError" in err or "NotADirectoryError" in err  # the log's tail, in the error
 
 
-def _start_node(tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+def _start_node(tmp_path: Path, *options: str) -> tuple[subprocess.Popen, Path]:
     state = tmp_path / "state"
     port = free_port()
     node = subprocess.Popen(
-        [sys.executable, "-m", "fedcl.ops.cli", "deploy", "node", "--", "--insecure",
+        [sys.executable, "-m", "fedcl.ops.cli", "deploy", "node", *options, "--", "--insecure",
          f"--superlink=127.0.0.1:{free_port()}", f"--port={port}",
          f"--node-config=state-dir=\"{state}\" partition-id=0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -129,3 +129,44 @@ def test_a_lost_worker_stops_the_supernode(tmp_path):
     assert node.returncode != 0, out  # 1, or 143 when the SuperNode had no signal handler yet
     assert f"node worker exited (-9); stopping the SuperNode (see {state / 'worker.log'})" in out
     assert _gone(serving)  # the dead supervisor's serving process was not left behind
+
+
+def _executor_pid(node: subprocess.Popen) -> int:
+    return int(_read_until(node, "fedcl deploy node: node executor ").rsplit("node executor ", 1)[1].split()[0])
+
+
+def test_a_dead_executor_is_started_again_while_the_supernode_stays(tmp_path):
+    from fedcl.ops.deploy import node as deploy_node
+
+    node, state = _start_node(tmp_path, "--executor")
+    first = _executor_pid(node)
+    _read_until(node, "Connection attempt failed")  # the SuperNode runs (its signal handler set)
+    os.kill(first, signal.SIGKILL)
+    said = _read_until(node, "starting it again")
+    assert f"node executor {first} exited (-9); starting it again (1 of {deploy_node.RESTARTS}" in said
+    second = _executor_pid(node)
+    assert second != first and not _gone(second, wait=1.0)
+    assert node.poll() is None  # the SuperNode and the worker were not stopped
+    node.send_signal(signal.SIGTERM)
+    out, _ = node.communicate(timeout=60)
+    assert node.returncode == 0, out
+    assert _gone(second) and not (state / "worker.sock").exists()
+
+
+def test_an_executor_that_keeps_dying_stops_the_node(monkeypatch):
+    """Past `RESTARTS` deaths in `RESTART_WINDOW` s the node stops instead of looping."""
+    from fedcl.ops.deploy import node as deploy_node
+
+    monkeypatch.setattr(deploy_node, "RESTARTS", 2)
+    started = []
+
+    def dying() -> subprocess.Popen:
+        started.append(subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"], start_new_session=True))
+        return started[-1]
+
+    supernode_stand_in = [sys.executable, "-c", "import signal, sys, time; "  # stops on SIGTERM, as it does
+                          "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); time.sleep(60)"]
+    companion = deploy_node.Companion("node executor", dying(), Path("executor.log"), restart=dying)
+    monkeypatch.setattr(deploy_node, "_supernode_command", lambda flags: supernode_stand_in)
+    code = deploy_node.run_supernode([], [companion])
+    assert code == 1 and len(started) == 3  # the first and two restarts, then the node stopped

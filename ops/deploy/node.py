@@ -21,7 +21,8 @@ loading the model there outlasted Flower's 30 s task heartbeat. So this command:
 With `--executor`, the SuperNode runs in `--isolation process` and starts no process per
 message: one long-lived `python -m fedcl.client.executor` (log: DIR/executor.log unless
 --executor-log) serves every message on its Runtime API (`--port`, 127.0.0.1), and is
-stopped with it like the worker.
+stopped with it like the worker. An executor that dies is started again (at most
+`RESTARTS` times in `RESTART_WINDOW` seconds) while the SuperNode stays up.
 
 The institution image's entrypoint (docker/institution.Dockerfile) is this command.
 """
@@ -34,7 +35,8 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedcl import keys
@@ -46,13 +48,24 @@ class NodeError(ValueError):
     """Bad flags for `fedcl deploy node`, or its worker did not come up; says which."""
 
 
+RESTARTS = 5           # an executor that dies is started again, at most this often ...
+RESTART_WINDOW = 600.0  # ... within this many seconds; past that the node stops, loudly
+
+
 @dataclass
 class Companion:
-    """A process the node runs next to its SuperNode, stopped with it."""
+    """A process the node runs next to its SuperNode, stopped with it. With `restart`, one
+    that dies is started again (`restart()` gives the new process) instead of ending the node."""
 
     name: str
     proc: subprocess.Popen
     log: Path
+    restart: Callable[[], subprocess.Popen] | None = None
+    restarts: list[float] = field(default_factory=list)
+
+    def may_restart(self, now: float) -> bool:
+        self.restarts = [t for t in self.restarts if now - t < RESTART_WINDOW]
+        return self.restart is not None and len(self.restarts) < RESTARTS
 
 
 def node_flags(supernode_flags: list[str]) -> tuple[list[str], Path]:
@@ -140,23 +153,33 @@ def executor_flags(flags: list[str]) -> tuple[list[str], int]:
 
 
 def start_executor(port: int, *, log: Path) -> Companion:
-    """The node's ClientApp executor (`fedcl.client.executor`); it waits for the SuperNode itself."""
+    """The node's ClientApp executor (`fedcl.client.executor`); it waits for the SuperNode itself.
+
+    It holds no model and no ledger (the worker does), so one that dies is simply started
+    again: the message it had claimed is failed by the SuperNode once its heartbeat stops
+    (Flower's rule, an error reply to the server), and the new one serves the next."""
     from fedcl.ops.deploy.launch import executor_command, flwr_env
 
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, *executor_command(port)[1:]], stdout=out,
-                                stderr=subprocess.STDOUT, env=flwr_env(), start_new_session=True)
-    print(f"fedcl deploy node: node executor {proc.pid} for 127.0.0.1:{port} (log: {log})", flush=True)
-    return Companion("node executor", proc, log)
+    def begin() -> subprocess.Popen:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([sys.executable, *executor_command(port)[1:]], stdout=out,
+                                    stderr=subprocess.STDOUT, env=flwr_env(), start_new_session=True)
+        print(f"fedcl deploy node: node executor {proc.pid} for 127.0.0.1:{port} (log: {log})", flush=True)
+        return proc
+
+    return Companion("node executor", begin(), log, restart=begin)
+
+
+def _supernode_command(flags: list[str]) -> list[str]:
+    return [sys.executable, "-m", "fedcl.ops.deploy.supernode", *flags]
 
 
 def run_supernode(flags: list[str], companions: list[Companion]) -> int:
     """flower-supernode (HTTP 500s retried) until it exits; signals go to every process."""
     from fedcl.ops.deploy.launch import flwr_env
 
-    node = subprocess.Popen([sys.executable, "-m", "fedcl.ops.deploy.supernode", *flags],
-                            env=flwr_env(), start_new_session=True)
+    node = subprocess.Popen(_supernode_command(flags), env=flwr_env(), start_new_session=True)
     stopping = []
 
     def forward(signum, _frame):
@@ -169,10 +192,23 @@ def run_supernode(flags: list[str], companions: list[Companion]) -> int:
     lost = None
     try:
         while node.poll() is None and lost is None:
-            lost = next((c for c in companions if c.proc.poll() is not None and not stopping), None)
+            for c in companions:
+                if c.proc.poll() is None or stopping:
+                    continue
+                now = time.monotonic()
+                if not c.may_restart(now):
+                    lost = c
+                    break
+                c.restarts.append(now)
+                print(f"fedcl deploy node: {c.name} {c.proc.pid} exited ({c.proc.returncode}); starting it "
+                      f"again ({len(c.restarts)} of {RESTARTS} in {RESTART_WINDOW:.0f} s; see {c.log})",
+                      file=sys.stderr, flush=True)
+                stop(c.proc)  # whatever it left in its process group
+                c.proc = c.restart()
             time.sleep(0.5)
         if lost is not None:
-            print(f"fedcl deploy node: {lost.name} exited ({lost.proc.returncode}); stopping the "
+            again = f", after {len(lost.restarts)} restarts in {RESTART_WINDOW:.0f} s" if lost.restart else ""
+            print(f"fedcl deploy node: {lost.name} exited ({lost.proc.returncode}){again}; stopping the "
                   f"SuperNode (see {lost.log})", file=sys.stderr, flush=True)
             stop(node)
     finally:
