@@ -5,7 +5,10 @@ executor per node serving every message (`fedcl.client.executor`), the replies c
 with 12 SuperNodes, and the coordinator's and nodes' resident memory.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.deployment [--rounds 3] [--large-rounds 3]
-        [--modes executor,kept,fresh] [--large-mode executor]
+        [--modes executor,kept,fresh] [--large-mode executor] [--busy N]
+
+`--busy N` runs N spinning processes beside it (load, as on a shared server);
+`FEDCL_SUPERLINK_BUSY_TIMEOUT_S=5` gives the SuperLink Flower's own lock wait.
 
 It ends with one line, measured in that run:
 `steady round deployed/simulated: R.RRx (executor), R.RRx (kept model), ...; 12 nodes: A of B replies counted`.
@@ -38,6 +41,8 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -344,7 +349,9 @@ def render(r: dict) -> list[str]:
              "`flower-supernode` per client, TLS and node authentication, submitted with `flwr run`). "
              "Round time is metrics.json's `round_seconds` (train messages sent to server evaluation "
              "done); round 1 carries start-up and is shown apart. "
-             f"The machine was shared with other work (load average {r['load_before'][0]:.1f} before, "
+             + (f"{r['busy_processes']} busy processes (one spinning core each) ran beside it, as load. "
+                if r.get("busy_processes") else "")
+             + f"The machine was shared with other work (load average {r['load_before'][0]:.1f} before, "
              f"{r.get('load_after', r.get('load_now', [0.0]))[0]:.1f} after, on 2 cores): read the ratio, not the seconds.", "",
              "| run | round 1 s | later rounds s (mean) | of which training and evaluation s | per round s "
              "| replies per round | run wall s |", "|---|---|---|---|---|---|---|"]
@@ -481,14 +488,31 @@ def main() -> None:
                         help=f"3-node deployments to run, in this order (of {', '.join(MODES)})")
     parser.add_argument("--large-mode", default="executor", choices=list(MODES), help="how the 12 SuperNodes run")
     parser.add_argument("--skip-fresh", action="store_true", help="the same as leaving fresh out of --modes")
+    parser.add_argument("--busy", type=int, default=0, metavar="N",
+                        help="N other busy processes (one spinning core each) for the whole run: load to reproduce under")
     parser.add_argument("--keep-logs", type=Path, help="copy each deployment's process logs here")
     parser.add_argument("--result", default=RESULT, help=f"file name in bench/results (default {RESULT})")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m and not (args.skip_fresh and m == "fresh")]
     if unknown := set(modes) - set(MODES):
         parser.error(f"--modes {args.modes}: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
+    if args.busy < 0:
+        parser.error(f"--busy {args.busy}: a number of processes, 0 or more")
+    # Spinning processes at normal priority: a loaded machine, as an institution's shared server is.
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    try:
+        run(args, modes)
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def run(args: argparse.Namespace, modes: list[str]) -> None:
     small, large = NODE_COUNTS
     result = {"model": "tiny-llama", "when": time.strftime("%Y-%m-%d %H:%M"), "local_steps": LOCAL_STEPS,
+              "busy_processes": args.busy,
+              "superlink_busy_timeout_s": os.environ.get("FEDCL_SUPERLINK_BUSY_TIMEOUT_S", "fedcl's default"),
               "batch_size": BATCH_SIZE, "load_before": os.getloadavg(),
               "threads": os.environ.get("OMP_NUM_THREADS", "unset"), "deployments": []}
     started = time.time()
