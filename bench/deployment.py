@@ -136,6 +136,8 @@ def role_of(cmdline: list[str]) -> str:
         return EXECUTOR_ROLE
     if "fedcl.ops.deploy.supernode" in cmdline[:3]:  # flower-supernode through fedcl's launcher
         return "flower-supernode"
+    if "fedcl.ops.deploy.superlink" in cmdline[:3]:  # flower-superlink through fedcl's launcher
+        return "flower-superlink"
     for word in cmdline[:2]:
         name = os.path.basename(word)
         if name in ROLES:
