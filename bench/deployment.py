@@ -8,7 +8,8 @@ with 12 SuperNodes, and the coordinator's and nodes' resident memory.
         [--modes executor,kept,fresh] [--large-mode executor] [--busy N]
 
 `--busy N` runs N spinning processes beside it (load, as on a shared server);
-`FEDCL_SUPERLINK_BUSY_TIMEOUT_S=5` gives the SuperLink Flower's own lock wait.
+`FEDCL_SUPERLINK_BUSY_TIMEOUT_S=5` gives the SuperLink Flower's own lock wait (the
+result records the wait the SuperLink used).
 
 It ends with one line, measured in that run:
 `steady round deployed/simulated: R.RRx (executor), R.RRx (kept model), ...; 12 nodes: A of B replies counted`.
@@ -48,7 +49,7 @@ import threading
 import time
 from pathlib import Path
 
-from fedcl.ops.deploy import launch
+from fedcl.ops.deploy import launch, superlink
 from fedcl.ops.deploy.certs import generate_certs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,8 +69,12 @@ COMPARE_TIMEOUT = 300
 LARGE_TIMEOUT = 240
 # Flower's process names, as the second word of their command lines (Python entry points).
 ROLES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
-WORKER_MODULE, WORKER_ROLE = "fedcl.client.worker", "node-worker"
-EXECUTOR_MODULE, EXECUTOR_ROLE = "fedcl.client.executor", "node-executor"
+WORKER_ROLE, EXECUTOR_ROLE = "node-worker", "node-executor"
+# fedcl's own processes, started as `python -m MODULE`: the role each one plays.
+MODULE_ROLES = {"fedcl.client.worker": WORKER_ROLE,  # supervisor and serving process
+                "fedcl.client.executor": EXECUTOR_ROLE,
+                "fedcl.ops.deploy.supernode": "flower-supernode",  # Flower's, through fedcl's wrapper
+                "fedcl.ops.deploy.superlink": "flower-superlink"}
 # The deployed configurations: what a SuperNode runs its ClientApp messages with.
 MODES = {"fresh": "fresh process per message", "kept": "kept model",
          "executor": "kept model and one executor process"}
@@ -130,14 +135,9 @@ def checkpoint_round(run_dir: Path) -> int:
 
 
 def role_of(cmdline: list[str]) -> str:
-    if WORKER_MODULE in cmdline[:3]:  # python -m fedcl.client.worker (supervisor and serving process)
-        return WORKER_ROLE
-    if EXECUTOR_MODULE in cmdline[:3]:
-        return EXECUTOR_ROLE
-    if "fedcl.ops.deploy.supernode" in cmdline[:3]:  # flower-supernode through fedcl's launcher
-        return "flower-supernode"
-    if "fedcl.ops.deploy.superlink" in cmdline[:3]:  # flower-superlink through fedcl's launcher
-        return "flower-superlink"
+    for word in cmdline[:3]:
+        if word in MODULE_ROLES:
+            return MODULE_ROLES[word]
     for word in cmdline[:2]:
         name = os.path.basename(word)
         if name in ROLES:
@@ -514,7 +514,7 @@ def run(args: argparse.Namespace, modes: list[str]) -> None:
     small, large = NODE_COUNTS
     result = {"model": "tiny-llama", "when": time.strftime("%Y-%m-%d %H:%M"), "local_steps": LOCAL_STEPS,
               "busy_processes": args.busy,
-              "superlink_busy_timeout_s": os.environ.get("FEDCL_SUPERLINK_BUSY_TIMEOUT_S", "fedcl's default"),
+              "superlink_busy_timeout_s": superlink.busy_timeout_s(),
               "batch_size": BATCH_SIZE, "load_before": os.getloadavg(),
               "threads": os.environ.get("OMP_NUM_THREADS", "unset"), "deployments": []}
     started = time.time()
