@@ -40,11 +40,11 @@ nothing new while one waits) until an executor is started again and claims them,
 the round's `federation.timeout` bounds what the server waits. SIGTERM ends the task in
 hand as failed (error reply sent), then the executor exits.
 
-Polling on the path (Flower 1.42): the SuperNode pulls from the SuperLink every 3 s
-while idle (fixed in start_client_internal.py), waits for a reply in 0.5 s steps, and
-the ServerApp's grid polls for replies every 3 s (fixed in http_grid.py); only the
-SuperExec's poll is settable (FLWR_SUPEREXEC_TASK_POLL_INTERVAL, 1 s by default). The
-executor's own poll is `--poll-interval`, a local call to the SuperNode.
+Polling on the path (Flower 1.42 fixes three waits; fedcl shortens them): the
+SuperNode pulls from the SuperLink every 3 s while idle and looks for a reply every
+0.5 s (1 s and 0.05 s through `fedcl.ops.deploy.supernode`), and the ServerApp's grid
+asks for replies every 3 s (0.25 s: `fedcl.federation.reply_polling`). The executor's
+own poll is `--poll-interval`, a local call to the SuperNode.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ from dataclasses import dataclass
 import fedcl  # noqa: F401  (offline defaults before flwr loads)
 
 APP_REF = "fedcl.client.app:app"
-POLL_INTERVAL = 0.5
+# A local call to the node's own SuperNode: cheap, and a quarter second is most of a
+# steady message's latency budget at most.
+POLL_INTERVAL = 0.25
 # A task's Runtime API calls are retried this long at most: past the SuperNode's 60 s
 # heartbeat patience its token is gone anyway.
 TASK_RETRY_SECONDS = 120.0
@@ -342,7 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _raise_stopped)
     _load_app()  # an import error shows now, not at the first message
     import flwr.supercore.heartbeat  # noqa: F401  (and Flower's task functions: not during the first task)
-    import flwr.supernode.runtime.run_clientapp  # noqa: F401
+    import flwr.supernode.runtime.run_clientapp as run_clientapp
+
+    from fedcl.federation.reply_polling import prompt_object_pulls
+
+    # The task is claimable before its objects are on the node: ask again soon, not in 1 s.
+    prompt_object_pulls(run_clientapp, "pull_and_inflate_object_from_tree")
     snapshot_installed()  # what the FABs are compared with: the code this process loads
     print(f"executor: pid {os.getpid()} serving ClientApp tasks of {args.runtime_api_address} "
           f"(fedcl {fedcl.__version__} from {os.path.dirname(fedcl.__file__)})", flush=True)

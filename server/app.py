@@ -27,6 +27,7 @@ from fedcl.config import ConfigError, from_run_config
 from fedcl.continual.schedule import resolve_rounds
 from fedcl.continual.tracker import ServerContinual
 from fedcl.federation.messages import arrays_to_state, state_to_arrays
+from fedcl.federation.reply_polling import polling
 from fedcl.privacy import report as privacy_report
 from fedcl.server.progress import RoundProgress
 from fedcl.rundir import RunDir
@@ -106,7 +107,7 @@ def main(grid: Grid, context: Context) -> None:
         progress.round_done(record)
         return MetricRecord(numeric(result))
 
-    strategy.start(grid=grid, initial_arrays=state_to_arrays(state), num_rounds=remaining,
+    strategy.start(grid=polling(grid), initial_arrays=state_to_arrays(state), num_rounds=remaining,
                    timeout=config.federation.timeout, evaluate_fn=evaluate_fn)
     progress.close()
 

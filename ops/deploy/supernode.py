@@ -15,13 +15,25 @@ Flower's own back-off, each retry logged, at most `MAX_500_RETRIES` times in a r
 thread; past that the node fails as before, loudly. The SuperLink's body is sanitised
 ("Internal server error"), so a lock cannot be told from other 500s: the bound keeps
 a persistent fault from being retried forever.
+
+Its fixed waits are shortened too. Flower's message loop (start_client_internal.py)
+sleeps 3 s after a pull that found no message, and waits for the ClientApp's reply in
+0.5 s steps; on a steady round whose work takes a fraction of a second those sleeps
+are most of the round, twice a round (train, then evaluate). Here the idle pull waits
+`IDLE_PULL_S` (1 s; `FEDCL_SUPERNODE_PULL_S`, at least 0.1 s) and the reply wait
+`REPLY_WAIT_S`. An idle pull is one authenticated request to the SuperLink: a dozen
+nodes at 1 s add a dozen small requests a second to its database, which its 20 s lock
+wait (`fedcl.ops.deploy.superlink`) carries; the reply wait reads the node's own
+in-memory state and costs nothing outside it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
+import time
 
 logger = logging.getLogger("fedcl.supernode")
 
@@ -64,9 +76,53 @@ def retrying_500(make_invoker):
     return make
 
 
-def install() -> None:
-    """Make the SuperNode's Fleet connection retry as above (before it connects)."""
+IDLE_PULL_S = 1.0
+REPLY_WAIT_S = 0.05
+PULL_ENV = "FEDCL_SUPERNODE_PULL_S"
+# Flower 1.42's fixed sleeps in its message loop: after an empty pull, and between looks
+# for the ClientApp's reply (and for an object of it).
+FLOWER_IDLE_SLEEP_S, FLOWER_REPLY_SLEEP_S = 3, 0.5
+
+
+def idle_pull_s() -> float:
+    """The wait after an empty pull: `FEDCL_SUPERNODE_PULL_S` when set, else `IDLE_PULL_S`."""
+    raw = os.environ.get(PULL_ENV)
+    if raw is None or raw.strip() == "":
+        return IDLE_PULL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SystemExit(f"fedcl: {PULL_ENV}={raw!r} is not a number of seconds (hint: {PULL_ENV}=1)") from None
+    if not 0.1 <= value <= 60:
+        raise SystemExit(f"fedcl: {PULL_ENV}={raw!r} must be between 0.1 and 60 seconds (hint: {PULL_ENV}=1)")
+    return value
+
+
+class PromptClock:
+    """What Flower's message loop sees as its `time` module: every function is the real
+    one's, except that its two fixed sleeps take `idle` and `reply` seconds instead."""
+
+    def __init__(self, idle: float, reply: float = REPLY_WAIT_S):
+        self.idle, self.reply = idle, reply
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        if seconds == FLOWER_IDLE_SLEEP_S:
+            seconds = self.idle
+        elif seconds == FLOWER_REPLY_SLEEP_S:
+            seconds = self.reply
+        time.sleep(seconds)
+
+
+def install(idle: float | None = None) -> None:
+    """Make the SuperNode's Fleet connection retry, and its loop wait, as above (before
+    it connects)."""
     import flwr.supernode.fleet_http_connection as connection
+    import flwr.supernode.start_client_internal as message_loop
+
+    message_loop.time = PromptClock(idle_pull_s() if idle is None else idle)
 
     if not getattr(connection.make_simple_http_retry_invoker, "fedcl_retrying_500", False):
         patched = retrying_500(connection.make_simple_http_retry_invoker)
@@ -75,7 +131,10 @@ def install() -> None:
 
 
 def main() -> None:
-    install()
+    idle = idle_pull_s()
+    install(idle)
+    print(f"fedcl: SuperNode pulls every {idle:g} s while idle, looks for replies every {REPLY_WAIT_S:g} s",
+          flush=True)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"
