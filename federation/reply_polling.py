@@ -13,14 +13,14 @@ SuperLink little next to the nodes' own traffic. Everything else is the wrapped 
 
 The same goes for an object that is not there yet. A message travels as a tree of
 objects, and Flower lists a message before all of its objects have arrived: the
-SuperNode creates the ClientApp's task, then pulls the message's objects from the
-SuperLink. A reader that asks too early is told "unavailable" and Flower's object pull
+ServerApp pushes a message, then its objects, to the SuperLink; the SuperNode creates
+the ClientApp's task, then pulls the message's objects. A reader that asks too early is told "unavailable" and Flower's object pull
 waits 1 s before asking again (then 2 s, 4 s, up to 10 s; `PULL_INITIAL_BACKOFF`).
 Measured on 3 SuperNodes: the node executor's pull of a task's input took 1.0-2.9 s,
 where the objects arrive within a few hundredths of a second. `prompt_object_pulls`
 makes a process's Flower pulls start at `OBJECT_RETRY_S` and double up to
-`OBJECT_RETRY_CAP_S`: the node executor (`fedcl.client.executor`) and, through
-`polling`, the ServerApp.
+`OBJECT_RETRY_CAP_S`: the SuperNode (`fedcl.ops.deploy.supernode`), the node executor
+(`fedcl.client.executor`) and, through `polling`, the ServerApp.
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ are most of the round, twice a round (train, then evaluate). Here the idle pull 
 `REPLY_WAIT_S`. An idle pull is one authenticated request to the SuperLink: a dozen
 nodes at 1 s add a dozen small requests a second to its database, which its 20 s lock
 wait (`fedcl.ops.deploy.superlink`) carries; the reply wait reads the node's own
-in-memory state and costs nothing outside it.
+in-memory state and costs nothing outside it. Its pulls of a message's objects retry
+an object not yet on the SuperLink after 0.05 s, not Flower's 1 s
+(`fedcl.federation.reply_polling.prompt_object_pulls`).
 """
 
 from __future__ import annotations
@@ -122,7 +124,11 @@ def install(idle: float | None = None) -> None:
     import flwr.supernode.fleet_http_connection as connection
     import flwr.supernode.start_client_internal as message_loop
 
+    from fedcl.federation.reply_polling import prompt_object_pulls
+
     message_loop.time = PromptClock(idle_pull_s() if idle is None else idle)
+    # The SuperLink lists a message before the server has pushed all its objects.
+    prompt_object_pulls(message_loop, "pull_objects")
 
     if not getattr(connection.make_simple_http_retry_invoker, "fedcl_retrying_500", False):
         patched = retrying_500(connection.make_simple_http_retry_invoker)
