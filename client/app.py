@@ -22,11 +22,21 @@ from flwr.clientapp import ClientApp
 
 from fedcl import keys
 from fedcl.client import worker
+from fedcl.federation import packing
 
 app = ClientApp()
 
 
 def _handle(kind: str, msg: Message, context: Context) -> Message:
+    """The reply to `msg`, packed as `msg` was (a deployed server packs each record's
+    arrays into one, `fedcl.federation.packing`; the simulation engine does not)."""
+    packed = packing.is_packed(msg.content)
+    content = packing.unpack(msg.content) if packed else msg.content
+    reply = _reply(kind, msg, content, context)
+    return Message(content=packing.pack(reply), reply_to=msg) if packed else Message(content=reply, reply_to=msg)
+
+
+def _reply(kind: str, msg: Message, content, context: Context):
     run_config, node_config = dict(context.run_config), dict(context.node_config)
     message_id = msg.metadata.message_id
     socket_file = node_config.get(keys.NODE_WORKER)
@@ -34,15 +44,15 @@ def _handle(kind: str, msg: Message, context: Context) -> Message:
         from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
         from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-        body = worker.forward(socket_file, kind, recorddict_to_proto(msg.content).SerializeToString(),
+        body = worker.forward(socket_file, kind, recorddict_to_proto(content).SerializeToString(),
                               run_config=run_config, node_config=node_config,
                               run_id=msg.metadata.run_id, message_id=message_id)
         if body is not None:
-            return Message(content=recorddict_from_proto(ProtoRecordDict.FromString(body)), reply_to=msg)
+            return recorddict_from_proto(ProtoRecordDict.FromString(body))
     # torch and the model: only when this process does the work itself
     from fedcl.client.handlers import HANDLERS
 
-    return Message(content=HANDLERS[kind](msg.content, run_config, node_config, message_id), reply_to=msg)
+    return HANDLERS[kind](content, run_config, node_config, message_id)
 
 
 @app.train()

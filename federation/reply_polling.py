@@ -18,8 +18,8 @@ the ClientApp's task, then pulls the message's objects. A reader that asks too e
 waits 1 s before asking again (then 2 s, 4 s, up to 10 s; `PULL_INITIAL_BACKOFF`).
 Measured on 3 SuperNodes: the node executor's pull of a task's input took 1.0-2.9 s,
 where the objects arrive within a few hundredths of a second. `prompt_object_pulls`
-makes a process's Flower pulls start at `OBJECT_RETRY_S` and double up to
-`OBJECT_RETRY_CAP_S`: the SuperNode (`fedcl.ops.deploy.supernode`), the node executor
+makes a process's Flower pulls start at `OBJECT_RETRY_S` and double up to a cap
+(0.1 s on this machine, 0.5 s over the network): the SuperNode (`fedcl.ops.deploy.supernode`), the node executor
 (`fedcl.client.executor`) and, through `polling`, the ServerApp.
 """
 
@@ -32,29 +32,35 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedcl.federation import packing
+
 REPLY_POLL_S = 0.25
-OBJECT_RETRY_S, OBJECT_RETRY_CAP_S = 0.05, 1.0
+# Retry an unavailable object after 0.05 s, doubling up to the cap: 0.1 s where the
+# objects come from this machine (the executor from its SuperNode, the ServerApp from
+# its SuperLink), 0.5 s where they cross the network (a SuperNode from the SuperLink).
+OBJECT_RETRY_S, LOCAL_RETRY_CAP_S, REMOTE_RETRY_CAP_S = 0.05, 0.1, 0.5
 
 
-def prompt_object_pulls(module, name: str) -> None:
+def prompt_object_pulls(module, name: str, cap: float = LOCAL_RETRY_CAP_S) -> None:
     """Make `module.name` (a Flower object-pull function imported there, with
     `initial_backoff` and `backoff_cap` keywords) retry an unavailable object after
-    `OBJECT_RETRY_S`, doubling up to `OBJECT_RETRY_CAP_S`. Idempotent."""
+    `OBJECT_RETRY_S`, doubling up to `cap` seconds. Idempotent."""
     pull = getattr(module, name)
     if getattr(pull, "fedcl_prompt", False):
         return
-    prompt = functools.partial(pull, initial_backoff=OBJECT_RETRY_S, backoff_cap=OBJECT_RETRY_CAP_S)
+    prompt = functools.partial(pull, initial_backoff=OBJECT_RETRY_S, backoff_cap=cap)
     prompt.fedcl_prompt = True
     setattr(module, name, prompt)
 
 
 class PollingGrid(Grid):
-    """`grid`, with `send_and_receive` asking for replies every `interval` seconds."""
+    """`grid`, with `send_and_receive` asking for replies every `interval` seconds, and
+    (with `pack`) each message's arrays sent as one (`fedcl.federation.packing`)."""
 
-    def __init__(self, grid: Grid, interval: float = REPLY_POLL_S):
+    def __init__(self, grid: Grid, interval: float = REPLY_POLL_S, pack: bool = True):
         if not interval > 0:
             raise ValueError(f"PollingGrid: interval {interval!r} must be more than 0 seconds")
-        self.grid, self.interval = grid, interval
+        self.grid, self.interval, self.pack = grid, interval, pack
 
     def set_run(self, run) -> None:
         self.grid.set_run(run)
@@ -73,10 +79,19 @@ class PollingGrid(Grid):
         return self.grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        if self.pack:
+            for message in messages:
+                if message.has_content():
+                    message.content = packing.pack(message.content)
         return self.grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
+        replies = list(self.grid.pull_messages(message_ids))
+        for reply in replies:  # a node answers in the form it was sent; an older one, unpacked
+            if reply.has_content():
+                reply.content = packing.unpack(reply.content)
+        return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push `messages`, then collect their replies until all are in or `timeout`

@@ -160,7 +160,7 @@ def test_object_pulls_retry_an_unavailable_object_soon_and_are_patched_once():
     reply_polling.prompt_object_pulls(module, "pull_objects")  # not wrapped twice
     assert module.pull_objects.func is inflatable_utils.pull_objects
     assert module.pull_objects.keywords == {"initial_backoff": reply_polling.OBJECT_RETRY_S,
-                                            "backoff_cap": reply_polling.OBJECT_RETRY_CAP_S}
+                                            "backoff_cap": reply_polling.LOCAL_RETRY_CAP_S}
     asks = []
 
     def pull(object_id: str) -> bytes:

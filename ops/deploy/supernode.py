@@ -124,11 +124,11 @@ def install(idle: float | None = None) -> None:
     import flwr.supernode.fleet_http_connection as connection
     import flwr.supernode.start_client_internal as message_loop
 
-    from fedcl.federation.reply_polling import prompt_object_pulls
+    from fedcl.federation.reply_polling import REMOTE_RETRY_CAP_S, prompt_object_pulls
 
     message_loop.time = PromptClock(idle_pull_s() if idle is None else idle)
     # The SuperLink lists a message before the server has pushed all its objects.
-    prompt_object_pulls(message_loop, "pull_objects")
+    prompt_object_pulls(message_loop, "pull_objects", cap=REMOTE_RETRY_CAP_S)
 
     if not getattr(connection.make_simple_http_retry_invoker, "fedcl_retrying_500", False):
         patched = retrying_500(connection.make_simple_http_retry_invoker)
