@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -500,14 +501,33 @@ def main() -> None:
         parser.error(f"--modes {args.modes}: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
     if args.busy < 0:
         parser.error(f"--busy {args.busy}: a number of processes, 0 or more")
-    # Spinning processes at normal priority: a loaded machine, as an institution's shared server is.
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
+    # A SIGTERM (a stopped session, `kill`) unwinds like Ctrl-C: the spinners, the deployment's
+    # processes and the temporary folder are cleaned up by the `finally`s below.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    spinners = [subprocess.Popen([sys.executable, "-c", SPINNER, str(os.getpid())]) for _ in range(args.busy)]
     try:
         run(args, modes)
     finally:
         for spinner in spinners:
             spinner.kill()
             spinner.wait()
+
+
+# Spinning at normal priority: a loaded machine, as an institution's shared server is. Each
+# spinner also ends itself once the benchmark is gone (even killed with SIGKILL, which no
+# `finally` sees): it looks at its parent every few million turns, which costs nothing.
+SPINNER = """
+import os, sys
+parent, turns = int(sys.argv[1]), 0
+while True:
+    turns += 1
+    if turns % 2_000_000 == 0 and os.getppid() != parent:
+        break
+"""
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def run(args: argparse.Namespace, modes: list[str]) -> None:

@@ -11,8 +11,8 @@ loading the model there outlasted Flower's 30 s task heartbeat. So this command:
 1. starts the node's worker (`python -m fedcl.client.worker --state-dir DIR`, DIR the
    node config's `state-dir`), which keeps the model loaded, and waits for its socket
    (DIR/worker.sock; its log: DIR/worker.log unless --worker-log);
-2. runs flower-supernode through fedcl's retrying wrapper (`fedcl.ops.deploy.supernode`,
-   a SuperLink's HTTP 500 retried) with `worker="DIR/worker.sock"` added to the node
+2. runs flower-supernode through fedcl's wrapper (`fedcl.ops.deploy.supernode`: a
+   SuperLink's HTTP 500 retried, Flower's fixed waits shortened) with `worker="DIR/worker.sock"` added to the node
    config, so the ClientApp forwards each message to the worker and imports no torch;
 3. forwards SIGTERM/SIGINT to both, stops the worker when the SuperNode exits (and the
    SuperNode when the worker dies: a node without its worker would load the model per

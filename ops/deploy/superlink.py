@@ -21,8 +21,9 @@ Flower's in-memory state would not lock, but would lose every run on a restart.
 
 from __future__ import annotations
 
-import os
 import sys
+
+from fedcl.ops.deploy.env_seconds import env_seconds
 
 BUSY_TIMEOUT_S = 20.0
 ENV = "FEDCL_SUPERLINK_BUSY_TIMEOUT_S"
@@ -30,16 +31,7 @@ ENV = "FEDCL_SUPERLINK_BUSY_TIMEOUT_S"
 
 def busy_timeout_s() -> float:
     """The lock wait to use: `FEDCL_SUPERLINK_BUSY_TIMEOUT_S` when set, else `BUSY_TIMEOUT_S`."""
-    raw = os.environ.get(ENV)
-    if raw is None or raw.strip() == "":
-        return BUSY_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SystemExit(f"fedcl: {ENV}={raw!r} is not a number of seconds (hint: {ENV}=20)") from None
-    if not value > 0:
-        raise SystemExit(f"fedcl: {ENV}={raw!r} must be more than 0 seconds (hint: {ENV}=20)")
-    return value
+    return env_seconds(ENV, BUSY_TIMEOUT_S, hint=f"{ENV}=20", valid=lambda v: v > 0, bounds="more than 0 seconds")
 
 
 def install(timeout_s: float | None = None) -> float:

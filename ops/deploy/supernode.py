@@ -1,4 +1,5 @@
-"""`flower-supernode`, with a SuperLink's transient HTTP 500 retried instead of ending the node.
+"""`flower-supernode`, with a SuperLink's transient HTTP 500 retried instead of ending the
+node, and Flower's fixed waits in its message loop shortened.
 
     python -m fedcl.ops.deploy.supernode --superlink HOST:PORT ...   # flower-supernode's own flags
 
@@ -32,10 +33,11 @@ an object not yet on the SuperLink after 0.05 s, not Flower's 1 s
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import time
+
+from fedcl.ops.deploy.env_seconds import env_seconds
 
 logger = logging.getLogger("fedcl.supernode")
 
@@ -88,16 +90,8 @@ FLOWER_IDLE_SLEEP_S, FLOWER_REPLY_SLEEP_S = 3, 0.5
 
 def idle_pull_s() -> float:
     """The wait after an empty pull: `FEDCL_SUPERNODE_PULL_S` when set, else `IDLE_PULL_S`."""
-    raw = os.environ.get(PULL_ENV)
-    if raw is None or raw.strip() == "":
-        return IDLE_PULL_S
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SystemExit(f"fedcl: {PULL_ENV}={raw!r} is not a number of seconds (hint: {PULL_ENV}=1)") from None
-    if not 0.1 <= value <= 60:
-        raise SystemExit(f"fedcl: {PULL_ENV}={raw!r} must be between 0.1 and 60 seconds (hint: {PULL_ENV}=1)")
-    return value
+    return env_seconds(PULL_ENV, IDLE_PULL_S, hint=f"{PULL_ENV}=1", valid=lambda v: 0.1 <= v <= 60,
+                       bounds="between 0.1 and 60 seconds")
 
 
 class PromptClock:
