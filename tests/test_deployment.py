@@ -435,3 +435,38 @@ def test_supernode_retries_a_superlink_500_on_repeatable_fleet_calls_a_bounded_n
     assert invoker.should_giveup(error("/v1/fleet/activate-node")) is True  # not repeated blindly
     assert invoker.should_giveup(error("/v1/fleet/pull-messages", 400)) is True
     assert invoker.should_giveup(error("/v1/fleet/pull-messages", 503)) is False  # Flower's own retry
+
+
+def test_a_killed_supernode_rejoins_without_waiting_for_its_heartbeat_to_expire(deployment, tmp_path):
+    """Flower's SuperLink holds a SIGKILLed node online until two heartbeat intervals
+    (60 s) have passed and refuses to activate it again before then. fedcl's SuperNode
+    recorded its id in its state folder, so the restarted process deactivates that id
+    (signed with its own key) and activates at once."""
+    from fedcl.ops.deploy import supernode
+
+    dep, L = deployment, deployment.L
+    data = write_data(tmp_path)
+    dep.start_link()
+    L.write_connection(dep.home, CONNECTION, dep.address, dep.files.ca_cert)
+    L.register_node(dep.files, "hospital-a", CONNECTION, dep.home)
+    first = dep.start_node("hospital-a", 0, data["hospital-a"])
+    L.wait_for(lambda: "SuperNode ID:" in first.tail(100_000), timeout=60, what="hospital-a activated",
+               process=first)
+    id_file = tmp_path / "state" / "hospital-a" / supernode.NODE_ID_FILE
+    node_id = int(id_file.read_text())
+    assert f"SuperNode ID: {node_id}" in first.tail(100_000)
+    assert id_file.stat().st_mode & 0o777 == 0o600
+    first.stop(kill=True)
+
+    again = L.start_supernode(dep.files, "hospital-a", superlink=dep.fleet, runtime_port=L.free_port(),
+                              data_file=data["hospital-a"], state_dir=tmp_path / "state" / "hospital-a",
+                              partition_id=0, log=tmp_path / "logs" / "hospital-a-again.log", flwr_home=dep.home)
+    dep.started.append(again)
+    L.wait_for(lambda: "SuperNode ID:" in again.tail(100_000), timeout=50, what="hospital-a activated again",
+               process=again)
+    log, link_log = again.tail(100_000), dep.link.tail(1_000_000)
+    assert f"still holds node {node_id} online" in log and f"SuperNode ID: {node_id}" in log, log
+    assert "Failed to activate SuperNode" not in log, log  # not Flower's refusal loop
+    # The SuperLink: the old activation ended by the node's own request, then the same id back.
+    assert link_log.index(f"Deactivated node_id={node_id}") < link_log.rindex(f"Activated node_id={node_id}")
+    assert dep.online_nodes() == 1

@@ -171,3 +171,17 @@ def test_object_pulls_retry_an_unavailable_object_soon_and_are_patched_once():
 
     assert module.pull_objects(["a", "b"], pull) == {"a": b"a", "b": b"b"}
     assert sorted(asks) == ["a"] * 3 + ["b"] * 3
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--superlink", "x:1", "--node-config", 'state-dir="/s/a" partition-id=0'], "/s/a"),
+    (["--node-config=partition-id=1 state-dir=\"/s/b\"", "--insecure"], "/s/b"),
+    (["--node-config", "partition-id=0"], None),
+    (["--node-config", "node.toml"], None),
+    (["--superlink", "x:1"], None),
+])
+def test_supernode_finds_its_state_folder_in_its_flags(argv, expected):
+    from fedcl.ops.deploy import supernode
+
+    found = supernode.state_dir_of(argv)
+    assert (str(found) if found else None) == expected

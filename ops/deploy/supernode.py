@@ -28,6 +28,20 @@ wait (`fedcl.ops.deploy.superlink`) carries; the reply wait reads the node's own
 in-memory state and costs nothing outside it. Its pulls of a message's objects retry
 an object not yet on the SuperLink after 0.05 s, not Flower's 1 s
 (`fedcl.federation.reply_polling.prompt_object_pulls`).
+
+A node that was killed rejoins at once. The SuperLink keeps a killed node "online" until
+its heartbeats have been missing for two intervals (60 s in Flower 1.42) and refuses to
+activate it again before that (HTTP 412, "Failed to activate SuperNode"): measured in
+the container run (docker/e2e.py), a restarted institution was refused for 54 s while
+the run's next round went on without it. Here the node writes the id the SuperLink gave
+it to its state folder (`NODE_ID_FILE`, from the node config's `state-dir`); refused
+activation with that file present, it deactivates that id (the request is signed with
+the node's key, and the SuperLink accepts it only for the id that key holds) and
+activates again. The message the dead process had taken is answered with an error
+reply at that moment, so the server's round goes on with the other replies instead of
+waiting out its timeout. Two live processes with one key would take the node from each
+other: `fedcl deploy node` refuses a second node on the same state folder (its worker's
+socket), and an institution's key belongs to one node.
 """
 
 from __future__ import annotations
@@ -36,7 +50,9 @@ import logging
 import sys
 import threading
 import time
+from pathlib import Path
 
+from fedcl import atomic, keys
 from fedcl.ops.deploy.env_seconds import env_seconds
 
 logger = logging.getLogger("fedcl.supernode")
@@ -94,6 +110,70 @@ def idle_pull_s() -> float:
                        bounds="between 0.1 and 60 seconds")
 
 
+NODE_ID_FILE = "supernode-id"
+
+
+def state_dir_of(argv: list[str]) -> Path | None:
+    """The node config's `state-dir` among flower-supernode's flags (None without one)."""
+    from flwr.common.config import parse_config_args
+
+    for i, flag in enumerate(argv):
+        text = argv[i + 1] if flag == "--node-config" and i + 1 < len(argv) else (
+            flag.split("=", 1)[1] if flag.startswith("--node-config=") else None)
+        if text is not None and not text.strip().endswith(".toml"):
+            try:
+                found = parse_config_args([text]).get(keys.NODE_STATE_DIR)
+            except ValueError:
+                return None  # flower-supernode reports its own bad flags
+            return Path(found) if isinstance(found, str) and found else None
+    return None
+
+
+def rejoining(client_cls, id_file: Path) -> None:
+    """Make `client_cls.ActivateNode` (Flower's Fleet HTTP client) record the node's id in
+    `id_file`, and, refused because the SuperLink still holds that id online, deactivate
+    it and activate again (once). Idempotent."""
+    import httpx
+    from flwr.proto.fleet_pb2 import DeactivateNodeRequest  # pylint: disable=no-name-in-module
+    from flwr.supercore.error import ApiErrorCode, FlowerError
+
+    activate = client_cls.ActivateNode
+    if getattr(activate, "fedcl_rejoining", False):
+        return
+
+    def held_online(exc: Exception) -> int | None:
+        if not (isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 412):
+            return None
+        error = FlowerError.from_json(exc.response.text)
+        if error is None or error.code != ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED:
+            return None
+        try:
+            return int(id_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def ActivateNode(self, request):  # noqa: N802 (Flower's name)
+        try:
+            response = activate(self, request)
+        except Exception as exc:
+            node_id = held_online(exc)
+            if node_id is None:
+                raise
+            print(f"fedcl: the SuperLink still holds node {node_id} online from before this node's restart "
+                  f"({id_file}); deactivating it, then activating again", flush=True)
+            self.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
+            response = activate(self, request)
+        try:
+            atomic.write_text(id_file, f"{response.node_id}\n", mode=0o600)
+        except OSError as exc:  # the node runs; only a quick rejoin after a crash is lost
+            print(f"fedcl: could not record the node's id in {id_file} ({exc}); after a crash it "
+                  "rejoins only once the SuperLink has marked it offline", flush=True)
+        return response
+
+    ActivateNode.fedcl_rejoining = True
+    client_cls.ActivateNode = ActivateNode
+
+
 class PromptClock:
     """What Flower's message loop sees as its `time` module: every function is the real
     one's, except that its two fixed sleeps take `idle` and `reply` seconds instead."""
@@ -112,11 +192,12 @@ class PromptClock:
         time.sleep(seconds)
 
 
-def install(idle: float | None = None) -> None:
-    """Make the SuperNode's Fleet connection retry, and its loop wait, as above (before
-    it connects)."""
+def install(idle: float | None = None, state_dir: Path | None = None) -> None:
+    """Make the SuperNode's Fleet connection retry, its loop wait and (with the node's
+    `state_dir`) a restarted node rejoin, as above (before it connects)."""
     import flwr.supernode.fleet_http_connection as connection
     import flwr.supernode.start_client_internal as message_loop
+    from flwr.supernode.fleet_http_client import FleetHttpClient
 
     from fedcl.federation.reply_polling import REMOTE_RETRY_CAP_S, prompt_object_pulls
 
@@ -128,11 +209,13 @@ def install(idle: float | None = None) -> None:
         patched = retrying_500(connection.make_simple_http_retry_invoker)
         patched.fedcl_retrying_500 = True
         connection.make_simple_http_retry_invoker = patched
+    if state_dir is not None:
+        rejoining(FleetHttpClient, state_dir / NODE_ID_FILE)
 
 
 def main() -> None:
     idle = idle_pull_s()
-    install(idle)
+    install(idle, state_dir_of(sys.argv[1:]))
     print(f"fedcl: SuperNode pulls every {idle:g} s while idle, looks for replies every {REPLY_WAIT_S:g} s",
           flush=True)
     from flwr.supernode.cli import flower_supernode
