@@ -44,7 +44,8 @@ Polling on the path (Flower 1.42 fixes three waits; fedcl shortens them): the
 SuperNode pulls from the SuperLink every 3 s while idle and looks for a reply every
 0.5 s (1 s and 0.05 s through `fedcl.ops.deploy.supernode`), and the ServerApp's grid
 asks for replies every 3 s (0.25 s: `fedcl.federation.reply_polling`). The executor's
-own poll is `--poll-interval`, a local call to the SuperNode.
+own poll is `--poll-interval`, a local call to the SuperNode. Each of these waits starts
+short after a message and grows to its interval (`reply_polling.Backoff`).
 """
 
 from __future__ import annotations
@@ -295,6 +296,9 @@ def serve(address: str, *, certificates: bytes | None, insecure: bool, poll_inte
     client = runtime_client(address, component="SuperExec", certificates=certificates, insecure=insecure)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     served, checked = 0, set()
+    from fedcl.federation.reply_polling import Backoff
+
+    waits = Backoff(poll_interval)  # short right after a task: the next message follows soon
     try:
         while not stop():
             try:
@@ -308,8 +312,9 @@ def serve(address: str, *, certificates: bytes | None, insecure: bool, poll_inte
                                      insecure=insecure, checked=checked)
                 served += 1
                 print(log_line(outcome, served), flush=True)
+                waits.reset()
                 continue  # the next message may already wait
-            time.sleep(poll_interval)
+            time.sleep(waits.next())
     finally:
         client.close()
     return served
@@ -327,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     tls.add_argument("--insecure", action="store_true", help="plain HTTP to the SuperNode (its default on 127.0.0.1)")
     tls.add_argument("--root-certificates", help="CA that signed the SuperNode's --ssl-certfile")
     parser.add_argument("--poll-interval", type=float, default=POLL_INTERVAL,
-                        help=f"seconds between task polls while idle (default {POLL_INTERVAL})")
+                        help=f"the longest wait between task polls while idle (default {POLL_INTERVAL}; "
+                             "the first after a task is shorter)")
     args = parser.parse_args(argv)
     if not 0.01 <= args.poll_interval <= 60:
         parser.error(f"--poll-interval {args.poll_interval}: must be between 0.01 and 60 seconds")

@@ -21,6 +21,12 @@ where the objects arrive within a few hundredths of a second. `prompt_object_pul
 makes a process's Flower pulls start at `OBJECT_RETRY_S` and double up to a cap
 (0.1 s on this machine, 0.5 s over the network): the SuperNode (`fedcl.ops.deploy.supernode`), the node executor
 (`fedcl.client.executor`) and, through `polling`, the ServerApp.
+
+Every poll on the path starts short and grows (`Backoff`): a reply, or the next message,
+usually follows within a fraction of a second of the last one (evaluate after train,
+the next round after evaluate), and a wait that grows by half each time is never more
+than about half of what has been waited already, while an idle federation soon polls
+at the long interval again and costs no more than a fixed one would.
 """
 
 from __future__ import annotations
@@ -34,11 +40,33 @@ from flwr.serverapp import Grid
 
 from fedcl.federation import packing
 
-REPLY_POLL_S = 0.25
+REPLY_POLL_S = 0.25  # the longest wait between asks; the first is `FIRST_POLL_S`
+FIRST_POLL_S, POLL_GROWTH = 0.05, 1.5
 # Retry an unavailable object after 0.05 s, doubling up to the cap: 0.1 s where the
 # objects come from this machine (the executor from its SuperNode, the ServerApp from
 # its SuperLink), 0.5 s where they cross the network (a SuperNode from the SuperLink).
 OBJECT_RETRY_S, LOCAL_RETRY_CAP_S, REMOTE_RETRY_CAP_S = 0.05, 0.1, 0.5
+
+
+class Backoff:
+    """Waits that start at `first` seconds and grow by `growth` up to `cap`; `reset()`
+    (after activity) starts them short again."""
+
+    def __init__(self, cap: float, first: float = FIRST_POLL_S, growth: float = POLL_GROWTH):
+        if not (cap > 0 and first > 0 and growth >= 1):
+            raise ValueError(f"Backoff: cap {cap!r} and first {first!r} must be more than 0 s, growth {growth!r} "
+                             "at least 1")
+        self.cap, self.first, self.growth = cap, min(first, cap), growth
+        self.wait = self.first
+
+    def reset(self) -> None:
+        self.wait = self.first
+
+    def next(self) -> float:
+        """The wait to take now; the one after it is longer, up to the cap."""
+        wait = self.wait
+        self.wait = min(self.wait * self.growth, self.cap)
+        return wait
 
 
 def prompt_object_pulls(module, name: str, cap: float = LOCAL_RETRY_CAP_S) -> None:
@@ -54,7 +82,8 @@ def prompt_object_pulls(module, name: str, cap: float = LOCAL_RETRY_CAP_S) -> No
 
 
 class PollingGrid(Grid):
-    """`grid`, with `send_and_receive` asking for replies every `interval` seconds, and
+    """`grid`, with `send_and_receive` asking for replies at most `interval` seconds apart
+    (from `FIRST_POLL_S`, growing, short again after each reply that comes in), and
     (with `pack`) each message's arrays sent as one (`fedcl.federation.packing`)."""
 
     def __init__(self, grid: Grid, interval: float = REPLY_POLL_S, pack: bool = True):
@@ -99,19 +128,22 @@ class PollingGrid(Grid):
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
+        waits = Backoff(self.interval)
         while pending:
             pulled = list(self.pull_messages(pending))
             replies.extend(pulled)
             pending.difference_update(msg.metadata.reply_to_message_id for msg in pulled)
             if not pending:
                 break
+            if pulled:  # the others' replies tend to follow close behind
+                waits.reset()
+            wait = waits.next()
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
-                time.sleep(min(self.interval, left))
-            else:
-                time.sleep(self.interval)
+                wait = min(wait, left)
+            time.sleep(wait)
         return replies
 
     def close(self) -> None:

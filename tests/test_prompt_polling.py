@@ -1,6 +1,7 @@
 """Flower's fixed waits on a deployed message's path, shortened: the ServerApp's grid asks
-for replies every 0.25 s (not 3 s), the SuperNode pulls every 1 s when idle (not 3 s)
-and looks for its ClientApp's reply every 0.05 s (not 0.5 s).
+for replies at most 0.25 s apart (not 3 s), the SuperNode pulls every 1 s when idle (not
+3 s) and from 0.1 s right after a reply, and looks for its ClientApp's reply every 0.05 s
+(not 0.5 s).
 
 The end-to-end effect is measured in bench/deployment.py; the deployed tests
 (tests/test_deployment.py, tests/test_executor.py) run every round through both.
@@ -129,6 +130,39 @@ def test_supernode_message_loop_waits_are_shortened():
     assert clock.monotonic() > 0  # the rest is the real module
     supernode.install(idle=1.0)
     assert isinstance(message_loop.time, supernode.PromptClock) and message_loop.time.idle == 1.0
+
+
+def test_polls_start_short_after_a_message_and_grow_to_their_interval(monkeypatch):
+    """The ServerApp asks again 0.05 s after a reply came in, then half as long again each
+    time up to its interval; the SuperNode's idle pull does the same from 0.1 s once it
+    has sent a reply, and waits its full interval before any message."""
+    import types
+
+    from fedcl.federation import reply_polling
+    from fedcl.ops.deploy import supernode
+
+    slept = []
+    monkeypatch.setattr(reply_polling.time, "sleep", slept.append)
+    grid = ScriptedGrid([1, 6])
+    PollingGrid(grid, interval=0.1).send_and_receive(messages(2), timeout=30)
+    assert slept == pytest.approx([0.05, 0.075, 0.1, 0.1, 0.1])
+
+    clock = supernode.PromptClock(idle=1.0)
+    waits = []
+    monkeypatch.setattr(supernode.time, "sleep", waits.append)
+    clock.sleep(3)
+    loop = types.SimpleNamespace(_push_messages=lambda **kw: (_ for _ in ()).throw(ConnectionError("lost")))
+    supernode.wake_after_push(loop, clock)
+    with pytest.raises(ConnectionError):  # a failed push wakes it too: a message was in hand
+        loop._push_messages(state=None)
+    for _ in range(8):
+        clock.sleep(3)
+    assert waits == pytest.approx([1.0, 0.1, 0.15, 0.225, 0.3375, 0.50625, 0.759375, 1.0, 1.0])
+    supernode.wake_after_push(loop, clock)  # idempotent: wrapped once
+    assert loop._push_messages.fedcl_clock is clock
+
+    with pytest.raises(ValueError, match="growth"):
+        reply_polling.Backoff(1.0, growth=0.5)
 
 
 @pytest.mark.parametrize("raw, error", [("fast", "not a number"), ("0.01", "between 0.1 and 60")])

@@ -22,7 +22,10 @@ sleeps 3 s after a pull that found no message, and waits for the ClientApp's rep
 0.5 s steps; on a steady round whose work takes a fraction of a second those sleeps
 are most of the round, twice a round (train, then evaluate). Here the idle pull waits
 `IDLE_PULL_S` (1 s; `FEDCL_SUPERNODE_PULL_S`, at least 0.1 s) and the reply wait
-`REPLY_WAIT_S`. An idle pull is one authenticated request to the SuperLink: a dozen
+`REPLY_WAIT_S`. Right after the node sent a reply the idle pull waits only
+`EAGER_PULL_S`, then half as long again each time, up to `IDLE_PULL_S` (about six
+pulls in the two seconds after a reply, where the round's next message usually comes).
+An idle pull is one authenticated request to the SuperLink: a dozen
 nodes at 1 s add a dozen small requests a second to its database, which its 20 s lock
 wait (`fedcl.ops.deploy.superlink`) carries; the reply wait reads the node's own
 in-memory state and costs nothing outside it. Its pulls of a message's objects retry
@@ -97,6 +100,7 @@ def retrying_500(make_invoker):
 
 
 IDLE_PULL_S = 1.0
+EAGER_PULL_S = 0.1  # the first wait after a reply was sent, growing by half to IDLE_PULL_S
 REPLY_WAIT_S = 0.05
 PULL_ENV = "FEDCL_SUPERNODE_PULL_S"
 # Flower 1.42's fixed sleeps in its message loop: after an empty pull, and between looks
@@ -176,20 +180,48 @@ def rejoining(client_cls, id_file: Path) -> None:
 
 class PromptClock:
     """What Flower's message loop sees as its `time` module: every function is the real
-    one's, except that its two fixed sleeps take `idle` and `reply` seconds instead."""
+    one's, except its two fixed sleeps. The reply look takes `reply` seconds; the wait
+    after an empty pull starts short once a reply has been sent (`awake`) and grows to
+    `idle` (`reply_polling.Backoff`): the next message of a round (evaluate after train,
+    the next round's train) usually comes within a second, and a node with no run soon
+    pulls every `idle` seconds again."""
 
     def __init__(self, idle: float, reply: float = REPLY_WAIT_S):
+        from fedcl.federation.reply_polling import Backoff
+
         self.idle, self.reply = idle, reply
+        self.waits = Backoff(idle, first=min(EAGER_PULL_S, idle))
+        self.waits.wait = idle  # no message yet: the long interval
 
     def __getattr__(self, name):
         return getattr(time, name)
 
+    def awake(self) -> None:
+        self.waits.reset()
+
     def sleep(self, seconds: float) -> None:
         if seconds == FLOWER_IDLE_SLEEP_S:
-            seconds = self.idle
+            seconds = self.waits.next()
         elif seconds == FLOWER_REPLY_SLEEP_S:
             seconds = self.reply
         time.sleep(seconds)
+
+
+def wake_after_push(message_loop, clock: PromptClock) -> None:
+    """Make the loop's `_push_messages` (it sends the ClientApp's reply) wake `clock`. Idempotent."""
+    push = message_loop._push_messages
+    if getattr(push, "fedcl_wakes", False):
+        push.fedcl_clock = clock
+        return
+
+    def pushed(*args, **kwargs):
+        try:
+            return push(*args, **kwargs)
+        finally:
+            pushed.fedcl_clock.awake()
+
+    pushed.fedcl_wakes, pushed.fedcl_clock = True, clock
+    message_loop._push_messages = pushed
 
 
 def install(idle: float | None = None, state_dir: Path | None = None) -> None:
@@ -202,6 +234,7 @@ def install(idle: float | None = None, state_dir: Path | None = None) -> None:
     from fedcl.federation.reply_polling import REMOTE_RETRY_CAP_S, prompt_object_pulls
 
     message_loop.time = PromptClock(idle_pull_s() if idle is None else idle)
+    wake_after_push(message_loop, message_loop.time)
     # The SuperLink lists a message before the server has pushed all its objects.
     prompt_object_pulls(message_loop, "pull_objects", cap=REMOTE_RETRY_CAP_S)
 
@@ -216,7 +249,8 @@ def install(idle: float | None = None, state_dir: Path | None = None) -> None:
 def main() -> None:
     idle = idle_pull_s()
     install(idle, state_dir_of(sys.argv[1:]))
-    print(f"fedcl: SuperNode pulls every {idle:g} s while idle, looks for replies every {REPLY_WAIT_S:g} s",
+    print(f"fedcl: SuperNode pulls every {idle:g} s while idle (from {min(EAGER_PULL_S, idle):g} s after a reply), "
+          f"looks for replies every {REPLY_WAIT_S:g} s",
           flush=True)
     from flwr.supernode.cli import flower_supernode
 
