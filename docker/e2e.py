@@ -328,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, required=True, help="a new folder for this run's keys, data, logs")
     p.add_argument("--timings", type=Path, help="docker/build.sh's JSON, merged into --out")
     p.add_argument("--out", type=Path, help="write the results here (bench/results/docker.json)")
-    p.add_argument("--rounds", type=int, default=2)
+    # Four: the killed institution is back within a round or two (container start, model
+    # load), and must be counted in the last.
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--kill-round", type=int, default=1, help="the round in which --kill is killed")
     # A round with a killed node waits this long for the reply it will not get; on 2 shared
     # cores a round's messages alone took over 2.5 minutes to arrive (tiny model, 3 nodes).

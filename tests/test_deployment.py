@@ -470,3 +470,41 @@ def test_a_killed_supernode_rejoins_without_waiting_for_its_heartbeat_to_expire(
     # The SuperLink: the old activation ended by the node's own request, then the same id back.
     assert link_log.index(f"Deactivated node_id={node_id}") < link_log.rindex(f"Activated node_id={node_id}")
     assert dep.online_nodes() == 1
+
+
+def test_a_node_killed_mid_round_fails_that_round_at_once_and_serves_the_next(deployment, tmp_path):
+    """hospital-b (node worker and executor) is SIGKILLed holding its round-1 message and
+    started again: the restarted node stays offline for a moment, so the SuperLink answers
+    the lost message with an error reply and round 1 ends with hospital-a's reply alone,
+    far inside its 1,200 s timeout. The run goes on meanwhile (a round takes seconds, the
+    restart loads a model), so the rejoined node is counted from a later round on: the
+    last of four."""
+    dep, L = deployment, deployment.L
+    data = write_data(tmp_path)
+    run_dir = tmp_path / "run"
+    run_config = {"config": str(write_run_config(tmp_path / "deploy.toml", data["server"], dp=False)),
+                  "run.out_dir": str(run_dir), "federation.rounds": 4, "federation.clients": 2,
+                  "federation.timeout": 1200}
+    app = L.stage_app(REPO, tmp_path / "app")
+    dep.start_link()
+    L.write_connection(dep.home, CONNECTION, dep.address, dep.files.ca_cert)
+    for i, name in enumerate(INSTITUTIONS[:2]):
+        L.register_node(dep.files, name, CONNECTION, dep.home)
+        dep.start_node(name, i, data[name], worker=True, executor=True)
+    L.wait_for(lambda: dep.online_nodes() == 2, timeout=90, what="two SuperNodes online")
+
+    L.submit_run(app, CONNECTION, run_config, dep.home)
+    victim = dep.nodes["hospital-b"]
+    L.wait_for(lambda: "Receiving: train message" in victim.tail(100_000), timeout=120,
+               what="hospital-b receiving round 1", process=victim)
+    victim.stop(kill=True)
+    again = dep.start_node("hospital-b", 1, data["hospital-b"], worker=True, executor=True)
+    # Bounded far below the round's timeout: a lost message that held the round would fail here.
+    L.wait_for(lambda: checkpoint_round(run_dir) >= 4, timeout=400, what="round 4 checkpoint",
+               process=dep.link)
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    ids = [sorted(c["id"] for c in r["clients"]) for r in metrics["rounds"]]
+    assert ids[0] == [0] and ids[-1] == [0, 1], ids
+    assert metrics["rounds"][0]["failures"] == 1  # the lost message, reported as a failure
+    assert "still holds node" in again.tail(1_000_000)

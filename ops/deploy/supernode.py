@@ -40,9 +40,12 @@ the run's next round went on without it. Here the node writes the id the SuperLi
 it to its state folder (`NODE_ID_FILE`, from the node config's `state-dir`); refused
 activation with that file present, it deactivates that id (the request is signed with
 the node's key, and the SuperLink accepts it only for the id that key holds) and
-activates again. The message the dead process had taken is answered with an error
-reply at that moment, so the server's round goes on with the other replies instead of
-waiting out its timeout. Two live processes with one key would take the node from each
+activates again `REJOIN_GAP_S` later. While it is offline the SuperLink answers the
+message the dead process had taken with an error reply (Flower's rule for a message
+whose node is offline), so the server's round goes on with the other replies instead
+of waiting out its timeout; activated at once, the node would be online again before
+the server asked, and that message would hold the round until its timeout (measured:
+the container run's round 1 waited out its 420 s). Two live processes with one key would take the node from each
 other: `fedcl deploy node` refuses a second node on the same state folder (its worker's
 socket), and an institution's key belongs to one node.
 """
@@ -115,6 +118,11 @@ def idle_pull_s() -> float:
 
 
 NODE_ID_FILE = "supernode-id"
+# A rejoining node stays offline this long: the SuperLink answers a message whose node is
+# offline with an error reply when the server next asks for replies (the ServerApp asks
+# at most 0.25 s apart, `reply_polling.REPLY_POLL_S`), so the message the dead process
+# had taken fails at once instead of holding the round to its timeout.
+REJOIN_GAP_S = 3.0
 
 
 def state_dir_of(argv: list[str]) -> Path | None:
@@ -166,6 +174,7 @@ def rejoining(client_cls, id_file: Path) -> None:
             print(f"fedcl: the SuperLink still holds node {node_id} online from before this node's restart "
                   f"({id_file}); deactivating it, then activating again", flush=True)
             self.DeactivateNode(DeactivateNodeRequest(node_id=node_id))
+            time.sleep(REJOIN_GAP_S)  # offline while the server asks: the lost message fails now
             response = activate(self, request)
         try:
             atomic.write_text(id_file, f"{response.node_id}\n", mode=0o600)
