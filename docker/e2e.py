@@ -402,7 +402,12 @@ def write_result(path: Path, result: dict) -> None:
     result["machine"] = {"cpus": os.cpu_count(), "load_1min": os.getloadavg()[0],
                          "docker": sh("docker", "version", "--format", "{{.Server.Version}}").strip(),
                          "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    write_text(path, json.dumps(result, indent=1) + "\n")
+    try:  # earlier runs kept under their own keys stay; this run's replace the last run's
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        earlier = {}
+    kept = {k: v for k, v in earlier.items() if k not in result} if isinstance(earlier, dict) else {}
+    write_text(path, json.dumps({**result, **kept}, indent=1) + "\n")
     log(f"wrote {path}")
 
 
