@@ -2,7 +2,7 @@
 
 Builds the base image from Debian packages and both images, brings up
 docker/compose.yml (SuperLink plus three institutions, TLS, node authentication)
-on host networking, runs two rounds of the tiny model with DP-SGD, kills an
+on host networking, runs four rounds of the tiny model with DP-SGD, kills an
 institution container mid-round and starts it again, checks the run and the
 ledgers, and removes every container, volume and network it made. About 15-40
 minutes, so it runs only when asked: FEDCL_DOCKER_TESTS=1, as root, with a Docker
