@@ -5,9 +5,10 @@ executor per node serving every message (`fedcl.client.executor`), the replies c
 with 12 SuperNodes, and the coordinator's and nodes' resident memory.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m bench.deployment [--rounds 3] [--large-rounds 3]
-        [--modes executor,kept,fresh] [--large-mode executor] [--busy N]
+        [--modes executor,kept,fresh] [--large-mode executor] [--busy N] [--trace]
 
-`--busy N` runs N spinning processes beside it (load, as on a shared server);
+`--busy N` runs N spinning processes beside it (load, as on a shared server); `--trace`
+stamps every process's log lines and reports where each message's time goes;
 `FEDCL_SUPERLINK_BUSY_TIMEOUT_S=5` gives the SuperLink Flower's own lock wait (the
 result records the wait the SuperLink used).
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -314,7 +316,39 @@ def deploy(work: Path, keys, data_files: dict[str, Path], app: Path, nodes: int,
             shutil.copytree(root / "logs", keep_logs / root.name, dirs_exist_ok=True)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {"supernodes": nodes, "mode": mode, "kept_model": mode != "fresh", "wall_seconds": wall, **round_summary(metrics),
-            "memory": memory_summary(sampler.samples, rounds, names), "errors": log_errors(root / "logs")}
+            "memory": memory_summary(sampler.samples, rounds, names), "errors": log_errors(root / "logs"),
+            **({"message_steps": steps} if (steps := message_steps(root / "logs")) else {})}
+
+
+TRACE_SITE = Path(__file__).parent / "trace"  # its sitecustomize stamps every log line
+STEPS = ("receive", "work", "send", "to_next")
+_STAMPED = re.compile(r"(\d\d):(\d\d):(\d\d)\.(\d{3}) .*?(Receiving: |Received successfully|Sending: |Sent successfully)")
+
+
+def message_steps(logs: Path, skip: int = 2) -> dict:
+    """With `--trace`: the steps of each message at the SuperNodes after their first `skip`
+    (round 1's train and evaluate), from their stamped logs, as [min, median, max] seconds:
+    receive ("Receiving" to "Received successfully": pulled from the SuperLink), work (to
+    "Sending": the ClientApp's turn), send (to "Sent successfully": pushed to the SuperLink)
+    and to_next (to the next "Receiving": the server's turn and the node's pull)."""
+    found: dict[str, list[float]] = {step: [] for step in STEPS}
+    for log in sorted(logs.glob("hospital-??.log")):
+        marks = [(int(h) * 3600 + int(m) * 60 + int(sec) + int(ms) / 1000, what)
+                 for h, m, sec, ms, what in _STAMPED.findall(log.read_text(encoding="utf-8", errors="replace"))]
+        messages = [marks[i:i + 4] for i in range(len(marks) - 3)
+                    if [w for _, w in marks[i:i + 4]] == ["Receiving: ", "Received successfully", "Sending: ",
+                                                          "Sent successfully"]]
+        for n, message in enumerate(messages):
+            if n < skip:
+                continue
+            (t0, _), (t1, _), (t2, _), (t3, _) = message
+            found["receive"].append(t1 - t0)
+            found["work"].append(t2 - t1)
+            found["send"].append(t3 - t2)
+            if n + 1 < len(messages):
+                found["to_next"].append(messages[n + 1][0][0] - t3)
+    return {step: [round(min(v), 3), round(statistics.median(v), 3), round(max(v), 3)]
+            for step, v in found.items() if v}
 
 
 def log_errors(logs: Path) -> dict:
@@ -495,6 +529,9 @@ def main() -> None:
                         help="N other busy processes (one spinning core each) for the whole run: load to reproduce under")
     parser.add_argument("--keep-logs", type=Path, help="copy each deployment's process logs here")
     parser.add_argument("--result", default=RESULT, help=f"file name in bench/results (default {RESULT})")
+    parser.add_argument("--trace", action="store_true",
+                        help="stamp every process's log lines with the time and report each message's steps "
+                             "at the SuperNodes (message_steps in the result)")
     args = parser.parse_args()
     modes = [m for m in args.modes.split(",") if m and not (args.skip_fresh and m == "fresh")]
     if unknown := set(modes) - set(MODES):
@@ -504,6 +541,8 @@ def main() -> None:
     # A SIGTERM (a stopped session, `kill`) unwinds like Ctrl-C: the spinners, the deployment's
     # processes and the temporary folder are cleaned up by the `finally`s below.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if args.trace:  # every process started from here inherits it
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TRACE_SITE), os.environ.get("PYTHONPATH")]))
     spinners = [subprocess.Popen([sys.executable, "-c", SPINNER, str(os.getpid())]) for _ in range(args.busy)]
     try:
         run(args, modes)
