@@ -50,14 +50,16 @@ OBJECT_RETRY_S, LOCAL_RETRY_CAP_S, REMOTE_RETRY_CAP_S = 0.05, 0.1, 0.5
 
 class Backoff:
     """Waits that start at `first` seconds and grow by `growth` up to `cap`; `reset()`
-    (after activity) starts them short again."""
+    (after activity) starts them short again. With `rested`, the first wait is the cap
+    (nothing has happened yet to expect more soon)."""
 
-    def __init__(self, cap: float, first: float = FIRST_POLL_S, growth: float = POLL_GROWTH):
+    def __init__(self, cap: float, first: float = FIRST_POLL_S, growth: float = POLL_GROWTH, *,
+                 rested: bool = False):
         if not (cap > 0 and first > 0 and growth >= 1):
             raise ValueError(f"Backoff: cap {cap!r} and first {first!r} must be more than 0 s, growth {growth!r} "
                              "at least 1")
         self.cap, self.first, self.growth = cap, min(first, cap), growth
-        self.wait = self.first
+        self.wait = cap if rested else self.first
 
     def reset(self) -> None:
         self.wait = self.first

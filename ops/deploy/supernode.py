@@ -199,8 +199,7 @@ class PromptClock:
         from fedcl.federation.reply_polling import Backoff
 
         self.idle, self.reply = idle, reply
-        self.waits = Backoff(idle, first=min(EAGER_PULL_S, idle))
-        self.waits.wait = idle  # no message yet: the long interval
+        self.waits = Backoff(idle, first=EAGER_PULL_S, rested=True)  # no message yet: the long interval
 
     def __getattr__(self, name):
         return getattr(time, name)
