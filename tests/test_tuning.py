@@ -130,7 +130,8 @@ def test_a_tiny_study_per_sampler(tmp_path, base, sampler):
     for trial in done:
         assert 1e-4 <= trial.params["train.lr"] <= 1e-2
         metrics = RunDir(tmp_path / "trials" / f"trial-{trial.number}").metrics()
-        assert trial.value == metrics["rounds"][-1]["eval"]["accuracy"]
+        # scored on the clients' validation splits, not on the test split
+        assert trial.value == metrics["rounds"][-1]["federated_eval"]["accuracy"]
     if sampler == "grid":
         assert sorted(t.params["train.lr"] for t in done) == [1e-3, 1e-2]
     best = load_config(tmp_path / "best.toml")
@@ -145,10 +146,10 @@ def test_best_toml_reproduces_the_best_trial(tmp_path, base):
     best = study.best_trial
     config = load_config(tmp_path / "study" / "best.toml", [f"run.out_dir={tmp_path / 'again'}"])
     inprocess(config)
-    again = RunDir(tmp_path / "again").metrics()["rounds"][-1]["eval"]
-    first = RunDir(tmp_path / "study" / "trials" / f"trial-{best.number}").metrics()["rounds"][-1]["eval"]
-    assert again["accuracy"] == best.value
-    assert again["loss"] == pytest.approx(first["loss"], rel=1e-6)
+    again = RunDir(tmp_path / "again").metrics()["rounds"][-1]
+    first = RunDir(tmp_path / "study" / "trials" / f"trial-{best.number}").metrics()["rounds"][-1]
+    assert again["federated_eval"]["accuracy"] == best.value
+    assert again["eval"]["loss"] == pytest.approx(first["eval"]["loss"], rel=1e-6)
 
 
 # -- resume and pruning, with a fake runner that writes real run folders ------------------
@@ -168,7 +169,8 @@ class FakeRunner:
         for r in range(run.completed_rounds() + 1, config.federation.rounds + 1):
             eps = 0.5 * r * (1 + number)
             metrics["rounds"].append({"round": r, "clients": [{"id": 0, "epsilon": eps}],
-                                      "eval": {"accuracy": self.curves[number][r - 1], "macro_f1": 0.0}})
+                                      "federated_eval": {"accuracy": self.curves[number][r - 1], "macro_f1": 0.0},
+                                      "eval": {"accuracy": 1.0 - self.curves[number][r - 1], "macro_f1": 0.0}})
             run.commit_round(metrics, r, {})
 
 
@@ -203,6 +205,37 @@ def test_the_median_pruner_stops_a_poor_trial_after_its_first_round(tmp_path, ba
     # round by round through the run folder's resume; the pruned trial ran one round only
     assert runner.calls == [(0, 1), (0, 2), (0, 3), (1, 1), (2, 1), (2, 2), (2, 3)]
     assert RunDir(tmp_path / "trials" / "trial-2").metrics()["rounds"][-1]["round"] == 3
+
+
+def test_trials_are_scored_on_the_split_asked_for(tmp_path, base):
+    from fedcl.config import ConfigError
+    from fedcl.ops.tuning import Objective, TuneError
+    from fedcl.ops.tuning.study import check_objective
+
+    runner = FakeRunner({0: [0.3], 1: [0.8]})  # the test split's accuracy is 1 - the validation's
+    options = TuneOptions(trials=2, sampler="random", pruner="none")
+    validation = run_study(base, parse_space(LR, base), tmp_path / "v", options, runner=runner)
+    assert [t.value for t in validation.trials] == [0.3, 0.8] and validation.best_trial.number == 1
+    test = run_study(base, parse_space(LR, base), tmp_path / "t",
+                     TuneOptions(**{**options.__dict__, "split": "test"}), runner=FakeRunner({0: [0.3], 1: [0.8]}))
+    assert [t.value for t in test.trials] == pytest.approx([0.7, 0.2]) and test.best_trial.number == 0
+    with pytest.raises(TuneError, match="was run with split = 'validation'"):
+        run_study(base, parse_space(LR, base), tmp_path / "v", TuneOptions(**{**options.__dict__, "split": "test",
+                                                                               "trials": 3}), runner=runner)
+    with pytest.raises(TuneError, match="--split: got 'train'"):
+        TuneOptions(trials=1, split="train")
+    with pytest.raises(TuneError, match="recall.*--split test"):
+        TuneOptions(trials=1, objective="recall:Acne")
+    with pytest.raises(ConfigError, match="data.eval_fraction = 0.*--split test"):
+        check_objective(base.replace({"data.eval_fraction": 0.0}), Objective.parse("accuracy"))
+    check_objective(base.replace({"data.eval_fraction": 0.0}), Objective.parse("accuracy"), "test")
+
+
+def test_a_round_without_a_validation_report_fails_the_trial_with_its_cause(tmp_path, base):
+    from fedcl.ops.tuning import Objective, TuneError
+
+    with pytest.raises(TuneError, match="round 2: no validation evaluation.*federated_eval"):
+        Objective.parse("accuracy").value({"round": 2, "eval": {"accuracy": 0.5}})
 
 
 def test_multi_objective_front_and_pick(tmp_path, base, capsys):
