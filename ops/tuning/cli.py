@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedcl.ops.tuning.study import PRUNERS, SAMPLERS
+from fedcl.ops.tuning.study import PRUNERS, SAMPLERS, SPLITS
 
 
 def add_parser(sub) -> None:
@@ -33,7 +33,10 @@ def add_parser(sub) -> None:
     p.add_argument("--study-name", default="fedcl", metavar="NAME")
     p.add_argument("--out", metavar="DIR", required=True, help="study folder: trials/, best.toml, plots")
     p.add_argument("--objective", default="accuracy", metavar="METRIC",
-                   help="accuracy, macro_f1 or recall:LABEL (final round, global test split)")
+                   help="accuracy, macro_f1 or recall:LABEL (final round, on --split)")
+    p.add_argument("--split", choices=SPLITS, default="validation",
+                   help="score trials on the clients' validation splits (held out of their training "
+                   "records, data.eval_fraction; default) or on the server's test split")
     p.add_argument("--multi-objective", action="store_true",
                    help="maximise the objective and minimise the epsilon spent: a Pareto front")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
@@ -64,6 +67,7 @@ def _options(args, **extra):
     return TuneOptions(trials=args.trials or 1, sampler=args.sampler, storage=args.storage or "",
                        study_name=args.study_name, objective=args.objective,
                        multi_objective=args.multi_objective, pruner=args.pruner, seed=args.seed,
+                       split=args.split,
                        state_dir=str(Path(args.state_dir).resolve()) if args.state_dir else "", **extra)
 
 
@@ -79,7 +83,7 @@ def _tune(args) -> int:
     space = load_space(args.space, base)
     if options.sampler == "grid":
         space.grid()  # a continuous range without step is an error now, not at trial 0
-    check_objective(base, Objective.parse(options.objective))
+    check_objective(base, Objective.parse(options.objective), options.split)
     preflight(base)  # model, data, split and DP plan of the base config
     out = Path(args.out)
     print(PRIVACY_NOTE)

@@ -16,7 +16,8 @@ COMPLETE = optuna.trial.TrialState.COMPLETE
 
 
 def _objective(study: optuna.Study) -> str:
-    return str(study.user_attrs.get("objective", "value"))
+    split = study.user_attrs.get("split")  # studies made before --split scored the test split
+    return f"{study.user_attrs.get('objective', 'value')} ({split or 'test'})"
 
 
 def _params(trial: optuna.trial.FrozenTrial) -> str:

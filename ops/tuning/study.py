@@ -4,9 +4,12 @@ Each trial takes the base config, applies the sampled values, and runs the
 federation into its own run folder `OUT/trials/trial-<n>` through a *runner*:
 by default `fedcl.ops.run.simulate`, Flower's simulation engine
 exactly as `fedcl simulate` uses it. (Tests pass an in-process runner that
-drives the same ServerApp and ClientApp without Ray.) The trial's value is the
-final round's global evaluation on the held-out test split, read back from the
-run folder's metrics.json; in multi-objective mode it is (utility, epsilon).
+drives the same ServerApp and ClientApp without Ray.) The trial's value is
+read back from the run folder's metrics.json after the final round: by default
+(`split = "validation"`) the clients' evaluations of their validation splits,
+held out of their training records (`data.eval_fraction`), so that choosing
+the best trial never looks at the test split; `split = "test"` scores the
+server's test split instead. In multi-objective mode it is (utility, epsilon).
 
 Pruning: with a pruner, a trial runs its rounds one at a time through the run
 folder's resume (round k is `federation.rounds = k` on the same folder), reports
@@ -39,6 +42,7 @@ from fedcl.rundir import RunDir
 
 SAMPLERS = ("grid", "random", "tpe", "cmaes")
 PRUNERS = ("median", "none")
+SPLITS = ("validation", "test")  # what a trial is scored on: the clients' validation splits, or the test split
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 CONFIG_ATTR = "config_toml"  # the trial's full config (run paths stripped), as TOML
 MAX_FAILURES_IN_A_ROW = 3
@@ -75,7 +79,14 @@ class Objective:
     def name(self) -> str:
         return f"recall:{self.label}" if self.label else self.metric
 
-    def value(self, evaluation: dict) -> float:
+    def value(self, record: dict, split: str = "validation") -> float:
+        """The objective in one round's record of metrics.json, on `split`."""
+        key = keys.FEDERATED_EVAL if split == "validation" else keys.EVAL
+        evaluation = record.get(key)
+        if not evaluation:
+            raise TuneError(f"round {record.get(keys.ROUND)}: no {split} evaluation in metrics.json "
+                            f"({key!r} is missing: every client's evaluation failed or was rejected); "
+                            "the trial's log names the cause")
         if not self.label:
             return float(evaluation[self.metric])
         per_class = evaluation.get(keys.PER_CLASS, {})
@@ -96,6 +107,7 @@ class TuneOptions:
     pruner: str = "median"
     seed: int = 0
     state_dir: str = ""  # the clients' ledgers, charged by every DP trial
+    split: str = "validation"  # what a trial is scored on (SPLITS)
 
     def __post_init__(self) -> None:
         if self.trials < 1:
@@ -107,7 +119,12 @@ class TuneOptions:
         if self.multi_objective and self.sampler == "cmaes":
             raise TuneError("--sampler cmaes handles one objective; use tpe or random with "
                             "--multi-objective")
-        Objective.parse(self.objective)
+        if self.split not in SPLITS:
+            raise TuneError(f"--split: got {self.split!r}, expected one of {', '.join(SPLITS)}")
+        if self.split == "validation" and Objective.parse(self.objective).label:
+            raise TuneError(f"--objective {self.objective}: the clients' validation reports carry "
+                            "accuracy and macro_f1, not per-class recall; use one of those, or "
+                            "--split test to score trials on the test split")
 
 
 def storage_url(options: TuneOptions, out: Path) -> str:
@@ -155,7 +172,7 @@ def open_study(options: TuneOptions, space: SearchSpace, out: Path,
     storage = open_storage(storage_url(options, out))
     study = optuna.create_study(storage=storage, study_name=options.study_name, directions=directions,
                                 pruner=pruner or make_pruner(options.pruner), load_if_exists=True)
-    mode = {"objective": options.objective, "multi_objective": options.multi_objective}
+    mode = {"objective": options.objective, "multi_objective": options.multi_objective, "split": options.split}
     for key, value in mode.items():
         stored = study.user_attrs.get(key)
         if stored is None:
@@ -221,7 +238,7 @@ def make_objective(base: Config, space: SearchSpace, out: Path, options: TuneOpt
         print(f"trial {trial.number} | " + " | ".join(f"{k} {v}" for k, v in values.items()), flush=True)
 
         def on_round(record: dict) -> None:
-            value = objective.value(record[keys.EVAL])
+            value = objective.value(record, options.split)
             if not options.multi_objective:
                 trial.report(value, record[keys.ROUND])
                 if step and trial.should_prune():
@@ -230,7 +247,7 @@ def make_objective(base: Config, space: SearchSpace, out: Path, options: TuneOpt
                     raise optuna.TrialPruned(f"round {record[keys.ROUND]}: {objective.name} {value:.4f}")
 
         last = run_rounds(config, runner, on_round, step=step)
-        value, epsilon = objective.value(last[keys.EVAL]), trial_epsilon(last)
+        value, epsilon = objective.value(last, options.split), trial_epsilon(last)
         trial.set_user_attr("epsilon", epsilon)
         print(f"trial {trial.number} | done | {objective.name} {value:.4f} | eps {epsilon:.2f}", flush=True)
         return (value, epsilon) if options.multi_objective else value
@@ -304,11 +321,15 @@ def run_study(base: Config, space: SearchSpace, out: Path, options: TuneOptions,
     return study
 
 
-def check_objective(base: Config, objective: Objective) -> None:
-    """The objective must exist for the task (and `recall:LABEL` name a class), before any trial."""
+def check_objective(base: Config, objective: Objective, split: str = "validation") -> None:
+    """The objective must exist for the task (and `recall:LABEL` name a class), and the split
+    it is scored on must exist, before any trial."""
     if base.data.task != "classification":
         raise ConfigError(f"--objective {objective.name}: data.task = {base.data.task!r} reports "
                           "loss and perplexity only; fedcl tune needs a classification task")
+    if split == "validation" and base.data.eval_fraction <= 0:
+        raise ConfigError("data.eval_fraction = 0: the clients hold no validation split to score trials "
+                          "on; set data.eval_fraction (e.g. 0.1) or pass --split test")
     if not objective.label:
         return
     from fedcl.session import GlobalEvaluator
