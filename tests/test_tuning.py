@@ -231,6 +231,24 @@ def test_trials_are_scored_on_the_split_asked_for(tmp_path, base):
     check_objective(base.replace({"data.eval_fraction": 0.0}), Objective.parse("accuracy"), "test")
 
 
+def test_a_study_from_before_splits_continues_on_the_test_split_only(tmp_path, base):
+    import optuna
+
+    from fedcl.ops.tuning import TuneError
+
+    options = TuneOptions(trials=1, sampler="random", pruner="none", split="test")
+    run_study(base, parse_space(LR, base), tmp_path, options, runner=FakeRunner({0: [0.3]}))
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    old = optuna.load_study(study_name=options.study_name, storage=storage)
+    storage.set_study_user_attr(old._study_id, "split", None)  # as a study written before --split kept none
+    with pytest.raises(TuneError, match="was run with split = 'test', not 'validation'"):
+        run_study(base, parse_space(LR, base), tmp_path, TuneOptions(**{**options.__dict__, "split": "validation",
+                                                                       "trials": 2}), runner=FakeRunner({1: [0.5]}))
+    study = run_study(base, parse_space(LR, base), tmp_path, TuneOptions(**{**options.__dict__, "trials": 2}),
+                      runner=FakeRunner({1: [0.5]}))
+    assert len(study.trials) == 2 and study.user_attrs["split"] == "test"
+
+
 def test_a_round_without_a_validation_report_fails_the_trial_with_its_cause(tmp_path, base):
     from fedcl.ops.tuning import Objective, TuneError
 

@@ -175,6 +175,11 @@ def open_study(options: TuneOptions, space: SearchSpace, out: Path,
     mode = {"objective": options.objective, "multi_objective": options.multi_objective, "split": options.split}
     for key, value in mode.items():
         stored = study.user_attrs.get(key)
+        if stored is None and key == "split" and study.trials:
+            # A study begun before trials had a split was scored on the test split: continuing it
+            # on the validation split would rank two kinds of score against each other.
+            stored = "test"
+            study.set_user_attr(key, stored)
         if stored is None:
             study.set_user_attr(key, value)
         elif stored != value:
