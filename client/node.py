@@ -115,7 +115,7 @@ def _refusal(session: LocalSession, server_round: int, verdict) -> TrainReply:
     print(f"client {session.client_id} | round {server_round} | refused | {verdict.reason}", flush=True)
     return TrainReply({keys.NUM_EXAMPLES_MSG: 0, keys.PARTITION_ID: session.client_id,
                        keys.STATUS: keys.STATUS_BUDGET_EXHAUSTED, keys.EPSILON: verdict.epsilon,
-                       keys.EPSILON_NEXT: verdict.epsilon_after})
+                       keys.RUN_EPSILON: verdict.run_epsilon, keys.EPSILON_NEXT: verdict.epsilon_after})
 
 
 def _no_task_data(session: LocalSession, server_round: int, task: int) -> TrainReply:
@@ -141,7 +141,7 @@ def _train_plain(session: LocalSession, node_config: dict, request: TrainRequest
     if _dp_on(session.config):
         guard = client_privacy(session.config, session.client_id, len(session.train_records),
                                _state_dir(session, node_config))
-        verdict = guard.check(message=request.message_id)
+        verdict = guard.check(message=request.message_id, run=session.config.run.out_dir)
         if not verdict.allowed:
             return _refusal(session, request.server_round, verdict)
     state, result = session.train(request.state, request.server_round, dp_plan=guard.plan if guard else None)
@@ -171,7 +171,7 @@ def _train_continual(session: LocalSession, node_config: dict, request: TrainReq
         pool = node.dp_pool(task)
         guard = ClientPrivacy(task_plan(dp_base_plan(cfg, node.shares), len(pool), cfg.train.batch_size),
                               node.state_dir)
-        verdict = guard.check(message=request.message_id)
+        verdict = guard.check(message=request.message_id, run=session.config.run.out_dir)
         if not verdict.allowed:
             return _refusal(session, request.server_round, verdict)
     state, result = node.train(request.state, request.server_round, task, pool=pool,
@@ -197,7 +197,8 @@ def train_round(config: Config, node_config: dict, request: TrainRequest) -> Tra
     if guard is not None:  # charged before the reply leaves the node
         eps = guard.charge(run=session.config.run.out_dir, server_round=request.server_round, steps=result.steps,
                            message=request.message_id)
-        dp = {keys.EPSILON: eps, keys.NOISE_MULTIPLIER: guard.plan.noise_multiplier,
+        dp = {keys.EPSILON: eps, keys.RUN_EPSILON: guard.run_epsilon(session.config.run.out_dir),
+              keys.NOISE_MULTIPLIER: guard.plan.noise_multiplier,
               keys.SAMPLE_RATE: guard.plan.sample_rate}
     eps_text = f" | eps {dp[keys.EPSILON]:.2f}" if dp else ""
     logger.info("client %d | round %d | loss %.4f | steps %d | %.1f s%s", session.client_id,

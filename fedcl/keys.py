@@ -33,6 +33,7 @@ NUM_EXAMPLES_MSG = "num-examples"  # what the aggregation weighs by
 PARTITION_ID = "partition-id"
 STATUS = "status"  # 0 trained; otherwise it sent no arrays (see the STATUS_* values)
 EPSILON = "epsilon"  # sample-level DP: the client's lifetime epsilon after this round
+RUN_EPSILON = "run-epsilon"  # sample-level DP: what this run alone has spent (its ledger entries)
 EPSILON_NEXT = "epsilon-next"  # a refusal: what this round would have reached
 NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"

@@ -282,6 +282,18 @@ def test_ledger_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [LEDGER_FILE]  # no temp file left
 
 
+def test_a_runs_own_epsilon_composes_its_entries_alone():
+    ledger = PrivacyLedger()
+    for run, r in [("a", 1), ("b", 1), ("a", 2), ("b", 2)]:
+        ledger.record(run=run, server_round=r, steps=5, noise_multiplier=1.1, sample_rate=0.05,
+                      delta=1e-5, accountant="rdp")
+    alone = epsilon([(1.1, 0.05, 10)], delta=1e-5, accountant="rdp")
+    assert ledger.run_epsilon("a", delta=1e-5, accountant="rdp") == pytest.approx(alone, rel=1e-9)
+    assert ledger.run_epsilon("b", delta=1e-5, accountant="rdp") == pytest.approx(alone, rel=1e-9)
+    assert ledger.epsilon(delta=1e-5, accountant="rdp") > alone
+    assert ledger.run_epsilon("never", delta=1e-5, accountant="rdp") == 0.0
+
+
 def test_guard_refuses_to_train_past_the_budget(tmp_path):
     cap = epsilon([(1.0, 0.1, 10)], delta=1e-5, accountant="rdp") + 1e-6
     guard = ClientPrivacy(plan(noise_multiplier=1.0, sample_rate=0.1, steps_per_round=4,
@@ -339,8 +351,8 @@ def run_server(config):
     return json.loads((Path(config.run.out_dir) / "metrics.json").read_text())
 
 
-def epsilons(metrics) -> list[list[float]]:
-    return [[c["epsilon"] for c in r["clients"]] for r in metrics["rounds"]]
+def epsilons(metrics, field: str = "epsilon") -> list[list[float]]:
+    return [[c[field] for c in r["clients"]] for r in metrics["rounds"]]
 
 
 def test_dp_run_reports_growing_epsilon_and_continues_across_runs(tmp_path):
@@ -360,6 +372,12 @@ def test_dp_run_reports_growing_epsilon_and_continues_across_runs(tmp_path):
     m2 = run_server(second)
     for before, after in zip(eps[-1], epsilons(m2)[0]):
         assert after > before
+    # Each reply also says what its own run spent: the first run's from a fresh ledger is its
+    # lifetime figure, and the second run, on the same schedule, cost the same alone.
+    flat = [e for row in eps for e in row]
+    assert [e for row in epsilons(m1, "run_epsilon") for e in row] == pytest.approx(flat)
+    assert [e for row in epsilons(m2, "run_epsilon") for e in row] == pytest.approx(flat)
+    assert all(r < e for row, erow in zip(epsilons(m2, "run_epsilon"), epsilons(m2)) for r, e in zip(row, erow))
     ledger = PrivacyLedger.load(tmp_path / "state" / "client-0" / LEDGER_FILE)
     assert [e["run"] for e in ledger.entries] == [first.run.out_dir] * 3 + [second.run.out_dir] * 3
     # A budget below a further round's cost: clients refuse, the run still completes.
@@ -369,6 +387,7 @@ def test_dp_run_reports_growing_epsilon_and_continues_across_runs(tmp_path):
     assert [r["refused"] for r in m3["rounds"]] == [2, 2, 2]
     assert all(c["status"] == 1 and "train_loss" not in c for r in m3["rounds"] for c in r["clients"])
     assert epsilons(m3)[-1] == pytest.approx(epsilons(m2)[-1])
+    assert epsilons(m3, "run_epsilon") == [[0.0, 0.0]] * 3  # refused every round: this run spent nothing
     assert len(PrivacyLedger.load(tmp_path / "state" / "client-0" / LEDGER_FILE).entries) == 6
 
 

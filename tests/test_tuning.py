@@ -256,6 +256,16 @@ def test_a_round_without_a_validation_report_fails_the_trial_with_its_cause(tmp_
         Objective.parse("accuracy").value({"round": 2, "eval": {"accuracy": 0.5}})
 
 
+def test_a_trials_epsilon_is_what_its_own_run_spent():
+    from fedcl.ops.tuning.study import trial_epsilon
+
+    # Under a shared --state-dir the lifetime figure holds every earlier trial too.
+    shared = {"clients": [{"id": 0, "epsilon": 9.0, "run_epsilon": 2.0}, {"id": 1, "epsilon": 7.5, "run_epsilon": 3.0}]}
+    assert trial_epsilon(shared) == 3.0
+    assert trial_epsilon({"clients": [{"id": 0, "epsilon": 9.0}]}) == 9.0  # replies from before run_epsilon
+    assert trial_epsilon({"clients": [{"id": 0}]}) == 0.0  # DP off
+
+
 def test_multi_objective_front_and_pick(tmp_path, base, capsys):
     from fedcl.ops.tuning.report import print_report
     from fedcl.ops.tuning.study import write_best

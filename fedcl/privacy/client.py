@@ -37,6 +37,7 @@ class Verdict:
     epsilon: float  # spent so far
     epsilon_after: float  # after this round, if it trained
     reason: str = ""
+    run_epsilon: float = 0.0  # what the run asked about has spent so far (`check(run=...)`)
 
 
 def state_dir_for(config: Config, client_id: int, node_state_dir: str = "") -> Path:
@@ -64,9 +65,10 @@ class ClientPrivacy:
     def ledger(self) -> PrivacyLedger:
         return PrivacyLedger.load(self.path)
 
-    def check(self, *, message: str = "") -> Verdict:
+    def check(self, *, message: str = "", run: str = "") -> Verdict:
         """May this round's steps be spent without passing the cap? A `message` already
-        charged (re-sent because its first reply never left the node) is allowed."""
+        charged (re-sent because its first reply never left the node) is allowed.
+        With `run`, the verdict also says what that run has spent."""
         ledger, p = self.ledger(), self.plan
         now = ledger.epsilon(delta=p.delta, accountant=p.accountant)
         if message and ledger.charged_for(message) is not None:
@@ -75,9 +77,14 @@ class ClientPrivacy:
                                      sample_rate=p.sample_rate, delta=p.delta, accountant=p.accountant)
         # A hair of slack: the calibrated schedule ends at the target up to float rounding.
         if after > p.epsilon_cap * (1 + 1e-9):
+            spent = ledger.run_epsilon(run, delta=p.delta, accountant=p.accountant) if run else 0.0
             return Verdict(False, now, after, f"privacy budget: epsilon {now:.3f} spent, this round "
-                           f"would reach {after:.3f} > cap {p.epsilon_cap:.3f}")
+                           f"would reach {after:.3f} > cap {p.epsilon_cap:.3f}", spent)
         return Verdict(True, now, after)
+
+    def run_epsilon(self, run: str) -> float:
+        """What run `run` has spent on this node's data (its ledger entries alone)."""
+        return self.ledger().run_epsilon(run, delta=self.plan.delta, accountant=self.plan.accountant)
 
     def charge(self, *, run: str, server_round: int, steps: int, message: str = "") -> float:
         """Record the round in the ledger on disk (atomically); return epsilon after it.

@@ -114,21 +114,21 @@ class PrivacyLedger:
         })
         return eps
 
+    def run_epsilon(self, run: str, *, delta: float, accountant: str) -> float:
+        """Epsilon of run `run`'s entries alone: what that run cost, whatever this ledger
+        held before it (the lifetime `epsilon` composes every run's)."""
+        history: History = []
+        for entry in self.entries:
+            if entry["run"] == run:
+                history = _merged(history, entry["steps"], entry["noise_multiplier"], entry["sample_rate"])
+        return epsilon(history, delta=delta, accountant=accountant) if history else 0.0
+
     def charged_for(self, message: str) -> dict | None:
         """The entry that charged Flower message `message`, or None."""
         return next((e for e in self.entries if message and e.get("message") == message), None)
 
     def _extended(self, steps: int, noise: float, rate: float) -> History:
-        # Consecutive steps with the same parameters merge into one triple, as
-        # Opacus' own accountants do: same epsilon, shorter history.
-        history = [tuple(h) for h in self.history]
-        if steps == 0:
-            return history
-        if history and history[-1][0] == noise and history[-1][1] == rate:
-            history[-1] = (noise, rate, history[-1][2] + steps)
-        else:
-            history.append((float(noise), float(rate), int(steps)))
-        return history
+        return _merged(self.history, steps, noise, rate)
 
     # -- state -------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -194,6 +194,19 @@ class PrivacyLedger:
 
 _ENTRY_FIELDS = ("run", "round", "steps", "noise_multiplier", "sample_rate", "delta", "accountant",
                  "epsilon")
+
+
+def _merged(history: History, steps: int, noise: float, rate: float) -> History:
+    """`history` with `steps` more steps. Consecutive steps with the same parameters merge
+    into one triple, as Opacus' own accountants do: same epsilon, shorter history."""
+    history = [tuple(h) for h in history]
+    if steps == 0:
+        return history
+    if history and history[-1][0] == noise and history[-1][1] == rate:
+        history[-1] = (noise, rate, history[-1][2] + steps)
+    else:
+        history.append((float(noise), float(rate), int(steps)))
+    return history
 
 
 def _check_entry(index: int, entry: Any) -> None:

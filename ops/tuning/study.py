@@ -191,8 +191,13 @@ def open_study(options: TuneOptions, space: SearchSpace, out: Path,
 
 
 def trial_epsilon(record: dict) -> float:
-    """The most any client had spent by this round (0 when DP is off)."""
-    spent = [c["epsilon"] for c in record.get(keys.CLIENTS, []) if c.get("epsilon") is not None]
+    """The most any client had spent in this trial's run by this round (0 when DP is off).
+    Each reply's `run_epsilon` is that run's own cost: under a shared `--state-dir` the
+    lifetime `epsilon` also holds every earlier trial's. Replies from before it existed
+    carry the lifetime figure only."""
+    clients = record.get(keys.CLIENTS, [])
+    field = "run_epsilon" if any(c.get("run_epsilon") is not None for c in clients) else "epsilon"
+    spent = [c[field] for c in clients if c.get(field) is not None]
     return float(max(spent)) if spent else 0.0
 
 
