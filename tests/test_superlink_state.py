@@ -119,3 +119,95 @@ def test_superlink_command_runs_through_the_wrapper():
                                        database=Path("/state/superlink.db"))
     assert command[:3] == ["python", "-m", "fedcl.ops.deploy.superlink"]
     assert (launch.BIN / command[0]).exists()
+
+
+@pytest.fixture
+def flower_state_code(monkeypatch):
+    """Whatever a test patches into Flower's SQL state, Flower's own code is back afterwards."""
+    import flwr.supercore.sql_mixin as sql_mixin
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
+    monkeypatch.setattr(sql_mixin.SqlMixin, "session", sql_mixin.SqlMixin.session)
+    monkeypatch.setattr(SqlCoreState, "_cleanup_expired_task_tokens", SqlCoreState._cleanup_expired_task_tokens)
+
+
+def _write_while_another_holds_a_transaction(state, hold_s: float) -> tuple[Exception | None, float]:
+    """Thread A writes in a transaction it keeps open for `hold_s`; meanwhile this thread writes."""
+    inside, failure = threading.Event(), []
+
+    def holder():
+        with state.session():
+            add_node(state, 10)  # the write lock is taken here and kept until the session ends
+            inside.set()
+            time.sleep(hold_s)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    inside.wait(5)
+    start = time.monotonic()
+    try:
+        add_node(state, 11)
+    except Exception as err:  # noqa: BLE001 - the test reports what Flower raised
+        failure.append(err)
+    waited = time.monotonic() - start
+    thread.join()
+    return (failure[0] if failure else None), waited
+
+
+def test_serialised_transactions_queue_instead_of_failing_on_the_lock(tmp_path, flower_pragmas,
+                                                                     flower_state_code):
+    from sqlalchemy.exc import OperationalError
+
+    from fedcl.ops.deploy import superlink
+
+    superlink.install(timeout_s=0.2)  # a short lock wait, so that a collision shows at once
+    plain = link_state(tmp_path / "plain.db")
+    error, _ = _write_while_another_holds_a_transaction(plain, 1.0)
+    assert isinstance(error, OperationalError) and "database is locked" in str(error)
+
+    superlink.serialise_transactions()
+    superlink.serialise_transactions()  # a second install does not wrap twice
+    queued = link_state(tmp_path / "queued.db")
+    error, waited = _write_while_another_holds_a_transaction(queued, 1.0)
+    assert error is None and waited >= 0.8
+    assert queued.get_node_id_by_public_key(bytes([11]) * 32) is not None
+    with queued.session():  # Flower nests sessions of one scope: the gate is re-entrant
+        add_node(queued, 12)
+    with pytest.raises(RuntimeError):  # a failed transaction still rolls back
+        with queued.session():
+            add_node(queued, 13)
+            raise RuntimeError("request failed")
+    assert queued.get_node_id_by_public_key(bytes([13]) * 32) is None
+    assert queued.get_node_id_by_public_key(bytes([12]) * 32) is not None
+
+
+def test_expired_claims_are_swept_at_most_once_per_interval(tmp_path, flower_state_code):
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
+    from fedcl.ops.deploy import superlink
+
+    sweeps = []
+    real = SqlCoreState._cleanup_expired_task_tokens
+
+    def counted(self):
+        sweeps.append(time.monotonic())
+        real(self)
+
+    SqlCoreState._cleanup_expired_task_tokens = counted
+    state = link_state(tmp_path / "superlink.db")
+    for _ in range(20):
+        state.get_run_status({1})
+    assert len(sweeps) == 20  # Flower's own: a sweep (two UPDATEs) before every status read
+
+    superlink.throttle_token_cleanup(every_s=0.3)
+    superlink.throttle_token_cleanup(every_s=0.3)  # installed once
+    sweeps.clear()
+    for _ in range(20):
+        state.get_run_status({1})
+    assert len(sweeps) == 1
+    time.sleep(0.35)
+    state.get_run_status({1})
+    assert len(sweeps) == 2  # after the interval the next read sweeps again
+    other = link_state(tmp_path / "other.db")
+    other.get_run_status({1})
+    assert len(sweeps) == 3  # each state keeps its own interval
