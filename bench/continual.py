@@ -63,6 +63,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench import runner
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 RESULT = "continual.json"
@@ -220,19 +222,8 @@ def headline_stream(folder: Path) -> dict:
 # -- runs ------------------------------------------------------------------------------
 
 def federate(overrides: list[str], folder: Path):
-    """One federation through the real apps, in-process; (config, metrics.json)."""
-    from fedcl.config import load_config
-    from fedcl.ops.run import run_inprocess
-
-    config = load_config(None, overrides + [f"run.out_dir={folder / 'run'}", f"run.state_dir={folder / 'state'}"])
-    start = time.perf_counter()
-    grid = run_inprocess(config)
-    seconds = time.perf_counter() - start
-    errors = [r.error.reason for r in grid.replies if r.has_error()]
-    if errors:
-        raise RuntimeError(f"client errors in {folder.name}: {errors[:3]}")
-    metrics = json.loads((folder / "run" / "metrics.json").read_text())
-    return config, metrics, seconds
+    """One federation through the real apps, in-process; (config, metrics.json, seconds)."""
+    return runner.federate(None, overrides, folder)
 
 
 def _epsilon(metrics: dict) -> float | None:

@@ -37,12 +37,11 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from bench import runner
 from fedcl import atomic, keys
 
 RESULTS = Path(__file__).parent / "results"
@@ -77,7 +76,6 @@ def worker(spec: dict, work: Path) -> dict:
     import torch
 
     from fedcl.config import load_config
-    from fedcl.ops.run import run_inprocess
 
     torch.set_num_threads(1)
     config_file, dataset = CONFIGS[spec["dataset"]]
@@ -86,12 +84,7 @@ def worker(spec: dict, work: Path) -> dict:
     if spec["row"].startswith("central"):  # the federation's optimiser steps, on one client
         steps = load_config(REPO / config_file, overrides).train.local_steps
         overrides.append(f"train.local_steps={CLIENTS * steps}")
-    config = load_config(REPO / config_file, overrides + [f"run.out_dir={work / 'run'}",
-                                                          f"run.state_dir={work / 'state'}"])
-    started = time.perf_counter()
-    run_inprocess(config)
-    seconds = time.perf_counter() - started
-    metrics = json.loads((work / "run" / "metrics.json").read_text())
+    _, metrics, seconds = runner.federate(REPO / config_file, overrides, work)
     rounds = metrics[keys.ROUNDS]
     last, privacy = rounds[-1], metrics.get(keys.PRIVACY, {})
     return {**spec, "config": config_file, "overrides": overrides, "seconds": round(seconds, 1),
@@ -170,15 +163,10 @@ def run_one(spec: dict, root: Path) -> dict:
     pool = pools / partition_of(spec["row"], spec["seed"])
     clients = 1 if spec["row"].startswith("central") else CLIENTS
     seeded = _seed_cache(pools, pool.name, work / "state", clients)
-    log = work / "log.txt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with log.open("w") as out:
-        code = subprocess.call([sys.executable, "-m", "bench.dp_recipe", "--worker", json.dumps(spec),
-                                "--work", str(work)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    if code:
-        return {**spec, "error": f"exit {code}; log {log}"}
+    result = runner.run_worker("bench.dp_recipe", spec, work)
+    if "error" in result:
+        return result
     _keep_cache(work / "state", pool)
-    result = json.loads((work / "result.json").read_text())
     return {**result, "seeded_cache": seeded, "load_after": os.getloadavg()[0]}
 
 
@@ -202,17 +190,11 @@ def main() -> int:
                     help="another setting for every row (e.g. train.lr=2e-2); needs --tag")
     ap.add_argument("--tag", default="", help="names the --set rows in the results (e.g. lr2e-2)")
     ap.add_argument("--quick", action="store_true", help="check the script: tiny model, results not saved")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--work", help=argparse.SUPPRESS)
+    runner.add_worker_flags(ap)
     args = ap.parse_args()
-    if args.worker:
-        result = worker(json.loads(args.worker), Path(args.work))
-        (Path(args.work) / "result.json").write_text(json.dumps(result))
+    if runner.serve_worker(args, worker):
         return 0
-    rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        ap.error(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    rows = runner.parse_rows(ap, args.rows, ROWS)
     if bool(args.set) != bool(args.tag):
         ap.error("--set and --tag go together: the tag names the rows run with other settings")
     bad = [kv for kv in args.set if "=" not in kv]

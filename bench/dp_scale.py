@@ -39,12 +39,11 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from bench import runner
 from fedcl import atomic, keys
 
 RESULTS = Path(__file__).parent / "results"
@@ -90,22 +89,13 @@ def _summary(metrics: dict) -> dict:
 
 
 def _federate(overrides: list[str], work: Path):
-    from fedcl.config import load_config
-    from fedcl.ops.run import run_inprocess
-
-    config = load_config(CONFIG, overrides + [f"run.out_dir={work / 'run'}", f"run.state_dir={work / 'state'}"])
-    started = time.perf_counter()
-    grid = run_inprocess(config)
-    seconds = time.perf_counter() - started
-    errors = [r.error.reason for r in grid.replies if r.has_error()]
-    if errors:
-        raise RuntimeError(f"client errors: {errors[:3]}")
-    return config, json.loads((work / "run" / "metrics.json").read_text()), round(seconds, 1)
+    config, metrics, seconds = runner.federate(CONFIG, overrides, work)
+    return config, metrics, round(seconds, 1)
 
 
 def audit_worker(spec: dict, base: list[str], work: Path) -> dict:
     """Canaries into hospital 0's file, the federation, then the membership test."""
-    from bench.privacy_utility import _canaries, _canary_losses, _write_jsonl
+    from bench.privacy_utility import _canaries, _canary_losses
     from fedcl import data
     from fedcl.config import load_config
     from fedcl.demo_data import classification_template
@@ -117,15 +107,9 @@ def audit_worker(spec: dict, base: list[str], work: Path) -> dict:
     rng = random.Random(f"canaries/{seed}")
     canaries = _canaries(2 * m, demo.labels, rng)
     inside, outside = canaries[:m], canaries[m:]
-    rows = [{"text": r["text"], "label": r["label"], "site": f"site-{rng.randrange(CLIENTS)}"}
-            for r in demo.train] + [{**c, "site": "site-0"} for c in inside]
-    rng.shuffle(rows)
-    _write_jsonl(work / "train.jsonl", rows)
-    _write_jsonl(work / "test.jsonl", [{"text": r["text"], "label": r["label"]} for r in demo.test])
-    overrides = base + ["data.dataset=", f"data.path={work / 'train.jsonl'}", f"data.test_path={work / 'test.jsonl'}",
-                        f"data.labels={','.join(demo.labels)}", "data.partition=column",
-                        "data.partition_column=site", f"data.classification_template={classification_template(source)}",
-                        "data.max_records=0", "data.max_test_records=0", "data.eval_fraction=0"]
+    overrides = base + runner.place_canaries(demo.train, demo.test, inside, CLIENTS, rng, work) + [
+        f"data.labels={','.join(demo.labels)}", f"data.classification_template={classification_template(source)}",
+        "data.max_records=0", "data.max_test_records=0", "data.eval_fraction=0"]
     config = load_config(CONFIG, overrides)
     split = data.load_dataset(config.data, seed=seed)
     texts = {c["text"] for c in inside}
@@ -206,14 +190,9 @@ def run_one(spec: dict, root: Path, pool: Path | None) -> dict:
     shutil.rmtree(work, ignore_errors=True)
     (work / "state").mkdir(parents=True)
     seeded = _link_pool(None if spec.get("quick") else pool, work / "state")
-    log = work / "log.txt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    with log.open("w") as out:
-        code = subprocess.call([sys.executable, "-m", "bench.dp_scale", "--worker", json.dumps(spec),
-                                "--work", str(work)], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    if code:
-        return {**spec, "error": f"exit {code}; log {log}"}
-    result = json.loads((work / "result.json").read_text())
+    result = runner.run_worker("bench.dp_scale", spec, work)
+    if "error" in result:
+        return result
     return {**result, "seeded_cache": seeded, "load_after": os.getloadavg()[0]}
 
 
@@ -234,17 +213,11 @@ def main() -> int:
     ap.add_argument("--pool", default="/work/runs/dp-recipe/pool/icd10/merged.fedcl",
                     help="a frozen-states file holding every record's states (bench/dp_recipe.py makes one)")
     ap.add_argument("--quick", action="store_true", help="check the script: tiny model, results not saved")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--work", help=argparse.SUPPRESS)
+    runner.add_worker_flags(ap)
     args = ap.parse_args()
-    if args.worker:
-        result = worker(json.loads(args.worker), Path(args.work))
-        (Path(args.work) / "result.json").write_text(json.dumps(result))
+    if runner.serve_worker(args, worker):
         return 0
-    rows = [r for r in args.rows.split(",") if r]
-    unknown = [r for r in rows if r not in ROWS]
-    if unknown:
-        ap.error(f"--rows: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    rows = runner.parse_rows(ap, args.rows, ROWS)
     pool = Path(args.pool)
     if not args.quick and not pool.exists():
         print(f"--pool {pool}: not found; round 1 of every run builds its hospitals' states", flush=True)

@@ -47,6 +47,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from bench import runner
+
 RESULTS = Path(__file__).parent / "results"
 RESULT = "privacy_utility.json"
 # `--profile pretrained` (passed to the worker processes through the environment): the
@@ -131,14 +133,7 @@ def _drop_empty_evaluations(partition_id: int, reply):
 
 def _federate(overrides: list[str], work: Path) -> tuple[object, dict, float]:
     """Run one federation through the real apps; (config, metrics.json, seconds)."""
-    from fedcl.config import load_config
-    from fedcl.ops.run import run_inprocess
-
-    config = load_config(None, overrides + [f"run.out_dir={work / 'run'}", f"run.state_dir={work / 'state'}"])
-    start = time.perf_counter()
-    run_inprocess(config, intercept=_drop_empty_evaluations)
-    seconds = time.perf_counter() - start
-    return config, json.loads((work / "run" / "metrics.json").read_text()), seconds
+    return runner.federate(None, overrides, work, intercept=_drop_empty_evaluations)
 
 
 def _summary(metrics: dict) -> dict:
@@ -173,10 +168,6 @@ def _canaries(count: int, labels: list[str], rng: random.Random) -> list[dict]:
     return out
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
 def _canary_losses(config, run_dir: Path, records: list[dict]) -> list[float]:
     """Each record's cross-entropy under the final global adapter."""
     import torch
@@ -207,16 +198,10 @@ def audit_worker(spec: dict, work: Path) -> dict:
     canaries = _canaries(2 * m, demo.labels, rng)
     inside, outside = canaries[:m], canaries[m:]
     # Each demo record goes to one site at random; every "in" canary to site-0.
-    rows = [{"text": r["text"], "label": r["label"], "site": f"site-{rng.randrange(s['clients'])}"}
-            for r in demo.train] + [{**c, "site": "site-0"} for c in inside]
-    rng.shuffle(rows)
-    _write_jsonl(work / "train.jsonl", rows)
-    _write_jsonl(work / "test.jsonl", [{"text": r["text"], "label": r["label"]} for r in demo.test])
     overrides = [o for o in _overrides(dataset, epsilon=spec["epsilon"], centralised=False, seed=seed)
                  if not o.startswith("data.dataset=")]
-    overrides += ["data.dataset=", f"data.path={work / 'train.jsonl'}", f"data.test_path={work / 'test.jsonl'}",
-                  f"data.labels={','.join(demo.labels)}", "data.partition=column",
-                  "data.partition_column=site", "data.classification_template=Review: {text}\nCondition:"]
+    overrides += runner.place_canaries(demo.train, demo.test, inside, s["clients"], rng, work)
+    overrides += [f"data.labels={','.join(demo.labels)}", "data.classification_template=Review: {text}\nCondition:"]
     config = load_config(None, overrides)
     # The "in" canaries must be training records of exactly one client, and in no test split.
     split = data.load_dataset(config.data, seed=seed)

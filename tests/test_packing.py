@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedcl.federation import packing
 from fedcl.federation.grid import InProcessGrid, server_context, set_task_identity
