@@ -34,7 +34,7 @@ def federate(config_file: Path | None, overrides: list[str], folder: Path, *, in
     config = load_config(config_file, overrides + [f"run.out_dir={folder / 'run'}",
                                                    f"run.state_dir={folder / 'state'}"])
     started = time.perf_counter()
-    grid = run_inprocess(config, intercept=intercept) if intercept else run_inprocess(config)
+    grid = run_inprocess(config, intercept=intercept)
     seconds = time.perf_counter() - started
     errors = [r.error.reason for r in grid.replies if r.has_error()]
     if errors:
@@ -79,7 +79,7 @@ def parse_rows(ap: argparse.ArgumentParser, text: str, known) -> list[str]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 def place_canaries(train: list[dict], test: list[dict], inside: list[dict], clients: int,
