@@ -476,15 +476,15 @@ def test_a_node_killed_mid_round_fails_that_round_at_once_and_serves_the_next(de
     """hospital-b (node worker and executor) is SIGKILLed holding its round-1 message and
     started again: the restarted node stays offline for a moment, so the SuperLink answers
     the lost message with an error reply and round 1 ends with hospital-a's reply alone,
-    far inside its 1,200 s timeout. The run goes on meanwhile (a round takes seconds, the
-    restart loads a model), so the rejoined node is counted from a later round on: the
-    last of four."""
+    far inside its 1,200 s timeout. With `min_replies = 2` the server asks for the next
+    round only once two nodes are online, so the rejoined node serves every later round
+    (without it, rounds of a second each would go on without a node still starting)."""
     dep, L = deployment, deployment.L
     data = write_data(tmp_path)
     run_dir = tmp_path / "run"
     run_config = {"config": str(write_run_config(tmp_path / "deploy.toml", data["server"], dp=False)),
                   "run.out_dir": str(run_dir), "federation.rounds": 4, "federation.clients": 2,
-                  "federation.timeout": 1200}
+                  "federation.min_replies": 2, "federation.timeout": 1200}
     app = L.stage_app(REPO, tmp_path / "app")
     dep.start_link()
     L.write_connection(dep.home, CONNECTION, dep.address, dep.files.ca_cert)
@@ -505,6 +505,7 @@ def test_a_node_killed_mid_round_fails_that_round_at_once_and_serves_the_next(de
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     ids = [sorted(c["id"] for c in r["clients"]) for r in metrics["rounds"]]
-    assert ids[0] == [0] and ids[-1] == [0, 1], ids
+    assert ids == [[0], [0, 1], [0, 1], [0, 1]], ids
     assert metrics["rounds"][0]["failures"] == 1  # the lost message, reported as a failure
+    assert [r["failures"] for r in metrics["rounds"][1:]] == [0, 0, 0], metrics["rounds"]
     assert "still holds node" in again.tail(1_000_000)
