@@ -39,6 +39,7 @@ is sampled once a second. Writes bench/results/deployment.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -64,6 +65,16 @@ NODE_COUNTS = (3, 12)
 RECORDS_PER_NODE = 16
 LOCAL_STEPS = 2
 BATCH_SIZE = 4
+MODEL = "tiny-llama"
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What every client does each round, the same for both engines: the default is the
+    tiny model, where a round is nearly all Flower's; `--model` shows a round with real work."""
+    model: str = MODEL
+    local_steps: int = LOCAL_STEPS
+    batch_size: int = BATCH_SIZE
 MB = 1024 * 1024
 # The side-by-side runs wait for every client in every round, so both engines do the same
 # work; the large run counts a round with whatever replies came, and waits less for the rest
@@ -105,22 +116,22 @@ def write_data(folder: Path, nodes: int) -> dict[str, Path]:
 
 
 def write_config(path: Path, data_files: dict[str, Path], clients: int, *, min_replies: int,
-                 timeout: float) -> Path:
+                 timeout: float, workload: Workload = Workload()) -> Path:
     """One config for both engines; the simulation's clients split `merged.jsonl`
     (the deployed nodes' files, one after the other) into the same sizes."""
     merged = path.parent / f"merged-{clients}.jsonl"
     merged.write_text("".join(data_files[f"hospital-{i:02d}"].read_text(encoding="utf-8")
                               for i in range(clients)), encoding="utf-8")
     path.write_text(f"""[model]
-name = "tiny-llama"
+name = "{workload.model}"
 [data]
 dataset = ""
 path = "{merged}"
 test_path = "{data_files['server']}"
 labels = "{','.join(LABELS)}"
 [train]
-batch_size = {BATCH_SIZE}
-local_steps = {LOCAL_STEPS}
+batch_size = {workload.batch_size}
+local_steps = {workload.local_steps}
 [federation]
 clients = {clients}
 min_replies = {min_replies}
@@ -148,6 +159,12 @@ def role_of(cmdline: list[str]) -> str:
     return "other"
 
 
+def short_name(cmdline: list[str]) -> str:
+    """A process outside Flower's roles, named for the CPU table (`fedcl`, `raylet`, `ray::...`)."""
+    words = [w for w in cmdline[:3] if not os.path.basename(w).startswith(("python", "-"))]
+    return os.path.basename(words[0]).split(" ")[0][:40] if words else "python"
+
+
 class RssSampler(threading.Thread):
     """Samples, once a second, the RSS by Flower role of each watched process tree,
     with how many rounds the run folder has committed (-1 before the run is submitted)."""
@@ -156,13 +173,15 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.roots, self.run_dir, self.interval = roots, run_dir, interval
         self.submitted = False
+        self.settled = True  # False: samples taken while the processes still start (round -2)
         self.samples: list[dict] = []
         self._stop_event = threading.Event()
 
     def run(self) -> None:
         while not self._stop_event.is_set():
             table = launch.process_table()
-            sample = {"round": checkpoint_round(self.run_dir) if self.submitted else -1, "trees": {},
+            before = -1 if self.settled else -2
+            sample = {"round": checkpoint_round(self.run_dir) if self.submitted else before, "trees": {},
                       "load": os.getloadavg()[0]}
             for name, root in self.roots.items():
                 by_role: dict[str, list[float]] = {}
@@ -178,6 +197,8 @@ class RssSampler(threading.Thread):
                         if role in ("flwr-serverapp", "flower-superexec"):
                             root.known.add(pid)
                         by_role.setdefault(role, []).append(table[pid]["rss"] / MB)
+                        sample.setdefault("cpu", {})[pid] = (name, role if role != "other" else
+                                                             short_name(table[pid]["cmdline"]), table[pid]["cpu"])
                 sample["trees"][name] = by_role
             self.samples.append(sample)
             self._stop_event.wait(self.interval)
@@ -195,7 +216,7 @@ def _stats(values: list[float]) -> dict:
 def memory_summary(samples: list[dict], rounds: int, nodes: list[str]) -> dict:
     """Coordinator: idle (nodes connected, before the run), peak (whole run), steady
     (median once round 1 was committed). Nodes: per SuperNode, and ClientApp peak."""
-    idle = [s for s in samples if s["round"] < 0]
+    idle = [s for s in samples if s["round"] == -1]
     run = [s for s in samples if s["round"] >= 0]
     steady = [s for s in run if 1 <= s["round"] < rounds] or run
 
@@ -225,6 +246,60 @@ def memory_summary(samples: list[dict], rounds: int, nodes: list[str]) -> dict:
             "load_median": statistics.median(loads) if loads else 0.0,
             "supernode": _stats(per_node), "supernode_superexec": _stats(node_exec),
             "clientapp": _stats(clientapps), "all_nodes_total": _stats(all_nodes)}
+
+
+def settle(sampler: RssSampler, quiet: float = 0.2, timeout: float = 120.0) -> None:
+    """Wait until the watched processes use less than `quiet` CPU-s per second (over the
+    last 3 samples), or `timeout`: the idle figure is then the federation at rest, not its start."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(1)
+        window = sampler.samples[-4:]
+        if len(window) == 4:
+            first, last = window[0].get("cpu", {}), window[-1].get("cpu", {})
+            used = sum(cpu - first.get(pid, (None, None, cpu))[2] for pid, (_, _, cpu) in last.items())
+            if used / 3 < quiet:
+                return
+
+
+def cpu_summary(samples: list[dict], nodes: int = 0) -> dict:
+    """CPU seconds (user and system) each role's processes used per steady round (from the
+    first sample after round 1 was committed to the last one), and per second while idle
+    (every node connected, no run). CPU time, unlike the seconds a round takes, does not
+    grow much when other work shares the machine (only the polling, which runs by the clock),
+    so it says where a round's compute goes.
+    A process that started and ended between two samples (a fresh ClientApp) is missed."""
+    def used(window: list[dict]) -> dict[str, float]:
+        first: dict[int, float] = {}
+        last: dict[int, tuple] = {}
+        for s in window:
+            for pid, (tree, role, cpu) in s.get("cpu", {}).items():
+                first.setdefault(pid, cpu)
+                last[pid] = (tree, role, cpu)
+        by_role: dict[str, float] = {}
+        for pid, (tree, role, cpu) in last.items():
+            key = f"coordinator {role}" if tree in ("coordinator", "simulation") else f"node {role}"
+            by_role[key] = by_role.get(key, 0.0) + cpu - first[pid]
+        return by_role
+
+    out: dict = {}
+    committed = [s for s in samples if s["round"] >= 1]
+    final = max((s["round"] for s in committed), default=0)
+    # From round 1 committed to the last round committed: no start-up, no tear-down.
+    steady = [s for s in committed if s["round"] < final] + [s for s in committed if s["round"] == final][:1]
+    if len(steady) >= 2 and steady[-1]["round"] > steady[0]["round"]:
+        rounds = steady[-1]["round"] - steady[0]["round"]
+        per_round = {k: v / rounds for k, v in sorted(used(steady).items())}
+        out["steady_rounds_measured"] = rounds
+        out["per_steady_round_s"] = {k: round(v, 3) for k, v in per_round.items()}
+        out["total_per_steady_round_s"] = round(sum(per_round.values()), 3)
+    idle = [s for s in samples if s["round"] == -1]
+    if len(idle) >= 2:
+        seconds = max(len(idle) - 1, 1)  # one sample a second
+        idle_used = used(idle)
+        out["idle_per_second_s"] = round(sum(idle_used.values()) / seconds, 3)
+        out["idle_per_second_by_process_s"] = {k: round(v / seconds, 3) for k, v in sorted(idle_used.items())}
+    return out
 
 
 def round_summary(metrics: dict) -> dict:
@@ -261,7 +336,7 @@ def simulate(work: Path, config: Path, rounds: int) -> dict:
     totals = [sum(sum(v) for v in s["trees"]["simulation"].values()) for s in sampler.samples]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {"clients": metrics_clients(metrics), "wall_seconds": wall, **round_summary(metrics),
-            "process_tree_rss": _stats(totals)}
+            "process_tree_rss": _stats(totals), "cpu": cpu_summary(sampler.samples)}
 
 
 def metrics_clients(metrics: dict) -> int:
@@ -269,7 +344,7 @@ def metrics_clients(metrics: dict) -> int:
 
 
 def deploy(work: Path, keys, data_files: dict[str, Path], app: Path, nodes: int, rounds: int, *,
-           compare: bool, mode: str, keep_logs: Path | None = None) -> dict:
+           compare: bool, mode: str, keep_logs: Path | None = None, workload: Workload = Workload()) -> dict:
     """A fresh SuperLink (own database) and `nodes` SuperNodes; one run of `rounds` rounds.
     `mode` (MODES): "kept", each SuperNode with its worker (`fedcl.client.worker`), model kept
     loaded; "executor", besides, in `--isolation process` with its executor."""
@@ -277,7 +352,8 @@ def deploy(work: Path, keys, data_files: dict[str, Path], app: Path, nodes: int,
     home, run_dir = root / "flwr-home", root / "run"
     names = [f"hospital-{i:02d}" for i in range(nodes)]
     config = write_config(root.parent / f"deploy-{nodes}.toml", data_files, nodes,
-                          min_replies=nodes if compare else 1, timeout=COMPARE_TIMEOUT if compare else LARGE_TIMEOUT)
+                          min_replies=nodes if compare else 1, timeout=COMPARE_TIMEOUT if compare else LARGE_TIMEOUT,
+                          workload=workload)
     port = launch.free_port()
     address = f"127.0.0.1:{port}"
     started: list[launch.Launched] = []
@@ -298,7 +374,10 @@ def deploy(work: Path, keys, data_files: dict[str, Path], app: Path, nodes: int,
         launch.wait_for(lambda: launch.online_nodes(CONNECTION, home) == nodes, timeout=60 + 10 * nodes,
                         what=f"{nodes} SuperNodes online", process=link, interval=2)
         sampler = RssSampler({"coordinator": link, **node_procs}, run_dir)
+        sampler.settled = False
         sampler.start()
+        settle(sampler)  # the node workers load their models after their sockets open
+        sampler.settled = True
         time.sleep(5)  # a few idle samples: the SuperLink with every node connected, no run
         sampler.submitted = True
         submitted = time.time()
@@ -316,7 +395,8 @@ def deploy(work: Path, keys, data_files: dict[str, Path], app: Path, nodes: int,
             shutil.copytree(root / "logs", keep_logs / root.name, dirs_exist_ok=True)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     return {"supernodes": nodes, "mode": mode, "kept_model": mode != "fresh", "wall_seconds": wall, **round_summary(metrics),
-            "memory": memory_summary(sampler.samples, rounds, names), "errors": log_errors(root / "logs"),
+            "memory": memory_summary(sampler.samples, rounds, names), "cpu": cpu_summary(sampler.samples),
+            "errors": log_errors(root / "logs"),
             **({"message_steps": steps} if (steps := message_steps(root / "logs")) else {})}
 
 
@@ -479,8 +559,34 @@ def render(r: dict) -> list[str]:
                          f"(the round then waits out `federation.timeout`)"
                          + ("; the SuperLink's SuperExec exited on such an error (the ServerApp ran on)"
                             if e.get("superlink_superexec_crashed") else "") + ".")
+    lines += cpu_lines(r)
     lines += ["", f"For scale, the whole simulation (its process with the ServerApp, Ray and Ray's "
               f"workers) peaked at {_mb(sim['process_tree_rss'])} MB.", ""]
+    return lines
+
+
+def cpu_lines(r: dict) -> list[str]:
+    """CPU seconds per steady round by role, each run beside the simulation's."""
+    runs = [(f"simulation, {r['simulation']['clients']} clients", r["simulation"])]
+    runs += [(label(d), d) for d in r["deployments"] if "error" not in d]
+    runs = [(name, x) for name, x in runs if x.get("cpu", {}).get("per_steady_round_s")]
+    if not runs:
+        return []
+    lines = ["", "CPU seconds (user and system, all cores) each kind of process used per steady round, "
+             "from /proc once a second: unlike a round's seconds, CPU time grows little when other work "
+             f"shares the machine (only the nodes' and the ServerApp's polling, which runs by the clock). On {os.cpu_count()} cores a round cannot take less than "
+             f"1/{os.cpu_count()} of its total. Idle: the federation's CPU seconds per second with every node "
+             "connected and no run.", "",
+             "| run | total per round | by process (per round) | idle per second | by process (idle) |",
+             "|---|---|---|---|---|"]
+    for name, x in runs:
+        c = x["cpu"]
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(c["per_steady_round_s"].items(), key=lambda kv: -kv[1])
+                          if v >= 0.005)
+        idle = f"{c['idle_per_second_s']:.2f}" if "idle_per_second_s" in c else "-"
+        idle_parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(c.get("idle_per_second_by_process_s", {}).items(),
+                                                                 key=lambda kv: -kv[1]) if v >= 0.005) or "-"
+        lines.append(f"| {name} | {c['total_per_steady_round_s']:.2f} | {parts} | {idle} | {idle_parts} |")
     return lines
 
 
@@ -527,6 +633,10 @@ def main() -> None:
     parser.add_argument("--skip-fresh", action="store_true", help="the same as leaving fresh out of --modes")
     parser.add_argument("--busy", type=int, default=0, metavar="N",
                         help="N other busy processes (one spinning core each) for the whole run: load to reproduce under")
+    parser.add_argument("--model", default=MODEL, help=f"model.name of every client (default {MODEL}; "
+                        "e.g. smollm2-135m for a round with real work)")
+    parser.add_argument("--local-steps", type=int, default=LOCAL_STEPS, help="train.local_steps of every client")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="train.batch_size of every client")
     parser.add_argument("--keep-logs", type=Path, help="copy each deployment's process logs here")
     parser.add_argument("--result", default=RESULT, help=f"file name in bench/results (default {RESULT})")
     parser.add_argument("--trace", action="store_true",
@@ -536,6 +646,11 @@ def main() -> None:
     modes = [m for m in args.modes.split(",") if m and not (args.skip_fresh and m == "fresh")]
     if unknown := set(modes) - set(MODES):
         parser.error(f"--modes {args.modes}: unknown {', '.join(sorted(unknown))}; choose from {', '.join(MODES)}")
+    from fedcl.models import BUILTIN_MODELS
+    if args.model not in BUILTIN_MODELS:
+        parser.error(f"--model {args.model}: not a built-in model; choose from {', '.join(BUILTIN_MODELS)}")
+    if args.local_steps < 1 or args.batch_size < 1:
+        parser.error(f"--local-steps {args.local_steps} --batch-size {args.batch_size}: each 1 or more")
     if args.busy < 0:
         parser.error(f"--busy {args.busy}: a number of processes, 0 or more")
     # A SIGTERM (a stopped session, `kill`) unwinds like Ctrl-C: the spinners, the deployment's
@@ -571,10 +686,11 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 def run(args: argparse.Namespace, modes: list[str]) -> None:
     small, large = NODE_COUNTS
-    result = {"model": "tiny-llama", "when": time.strftime("%Y-%m-%d %H:%M"), "local_steps": LOCAL_STEPS,
+    workload = Workload(args.model, args.local_steps, args.batch_size)
+    result = {"model": workload.model, "when": time.strftime("%Y-%m-%d %H:%M"), "local_steps": workload.local_steps,
               "busy_processes": args.busy,
               "superlink_busy_timeout_s": superlink.busy_timeout_s(),
-              "batch_size": BATCH_SIZE, "load_before": os.getloadavg(),
+              "batch_size": workload.batch_size, "load_before": os.getloadavg(),
               "threads": os.environ.get("OMP_NUM_THREADS", "unset"), "deployments": []}
     started = time.time()
     RESULTS.mkdir(exist_ok=True)
@@ -590,7 +706,8 @@ def run(args: argparse.Namespace, modes: list[str]) -> None:
         keys = generate_certs(work / "keys", [f"hospital-{i:02d}" for i in range(large)])
         app = launch.stage_app(ROOT, work / "app")
         print(f"simulation, {small} clients ...", flush=True)
-        config = write_config(work / "sim.toml", data_files, small, min_replies=small, timeout=COMPARE_TIMEOUT)
+        config = write_config(work / "sim.toml", data_files, small, min_replies=small, timeout=COMPARE_TIMEOUT,
+                              workload=workload)
         result["simulation"] = simulate(work, config, args.rounds)
         save()
         plan = [(small, args.rounds, True, mode) for mode in modes]
@@ -601,7 +718,7 @@ def run(args: argparse.Namespace, modes: list[str]) -> None:
             app = launch.stage_app(ROOT, work / "app")
             try:
                 d = deploy(work, keys, data_files, app, nodes, rounds, compare=compare, mode=mode,
-                           keep_logs=args.keep_logs)
+                           keep_logs=args.keep_logs, workload=workload)
             except (RuntimeError, TimeoutError, OSError, KeyError, ValueError) as error:
                 logs = work / f"deploy-{nodes}-{mode}" / "logs"
                 d = {"supernodes": nodes, "mode": mode, "kept_model": mode != "fresh", "error": str(error)[-2000:],

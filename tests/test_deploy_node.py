@@ -170,3 +170,21 @@ def test_an_executor_that_keeps_dying_stops_the_node(monkeypatch):
     monkeypatch.setattr(deploy_node, "_supernode_command", lambda flags: supernode_stand_in)
     code = deploy_node.run_supernode([], [companion])
     assert code == 1 and len(started) == 3  # the first and two restarts, then the node stopped
+
+
+def test_the_process_table_counts_the_cpu_each_process_used():
+    """bench/deployment.py reads a round's CPU by process from these figures."""
+    from fedcl.ops.deploy.launch import process_table, process_tree
+
+    spin = ("import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass\n"
+            "print('done', flush=True)\ntime.sleep(30)")
+    child = subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "done"
+        table = process_table()
+        assert child.pid in process_tree(os.getpid(), table)
+        assert 0.4 <= table[child.pid]["cpu"] < 30
+        assert table[child.pid]["rss"] > 0 and table[child.pid]["cmdline"][0] == sys.executable
+    finally:
+        child.kill()
+        child.wait()

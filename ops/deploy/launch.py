@@ -171,15 +171,16 @@ def online_nodes(connection: str, flwr_home: Path) -> int:
 
 
 def process_table() -> dict[int, dict]:
-    """Every process now: pid -> {"ppid", "cmdline", "rss"} (bytes), in one pass over
-    the process list, so that many trees can be read from the same moment."""
+    """Every process now: pid -> {"ppid", "cmdline", "rss" (bytes), "cpu" (user and
+    system seconds so far)}, in one pass over the process list, so that many trees can
+    be read from the same moment."""
     import psutil
 
     table = {}
-    for p in psutil.process_iter(["ppid", "cmdline", "memory_info"]):
-        mem = p.info.get("memory_info")
+    for p in psutil.process_iter(["ppid", "cmdline", "memory_info", "cpu_times"]):
+        mem, cpu = p.info.get("memory_info"), p.info.get("cpu_times")
         table[p.pid] = {"ppid": p.info.get("ppid"), "cmdline": p.info.get("cmdline") or [],
-                        "rss": mem.rss if mem else 0}
+                        "rss": mem.rss if mem else 0, "cpu": cpu.user + cpu.system if cpu else 0.0}
     return table
 
 
