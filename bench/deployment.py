@@ -15,7 +15,8 @@ result records the wait the SuperLink used).
 It ends with one line, measured in that run:
 `steady round deployed/simulated: R.RRx (executor), R.RRx (kept model), ...; 12 nodes: A of B replies counted`.
 
-One run, side by side on the tiny model, from the same data files and config:
+One run, side by side on the tiny model (`--model smollm2-135m`: a round with real work),
+from the same data files and config:
 
 - simulation: `fedcl simulate` (Flower's simulation engine on Ray) with 3 clients;
 - deployment: a `flower-superlink` and 3 `flower-supernode` processes on 127.0.0.1
@@ -33,7 +34,8 @@ the round's train messages to the end of the server's evaluation); round 1
 (Ray start-up and first model loads in simulation) is reported apart. While
 a deployment runs, the resident set size of the SuperLink, its SuperExec, the
 ServerApp (`flwr-serverapp`), every SuperNode, its SuperExec and its ClientApps
-is sampled once a second. Writes bench/results/deployment.json.
+is sampled once a second, with each process's CPU time (CPU-s a steady round by
+process, and at rest). Writes bench/results/deployment.json.
 """
 
 from __future__ import annotations
