@@ -68,15 +68,6 @@ RECORDS_PER_NODE = 16
 LOCAL_STEPS = 2
 BATCH_SIZE = 4
 MODEL = "tiny-llama"
-
-
-@dataclasses.dataclass(frozen=True)
-class Workload:
-    """What every client does each round, the same for both engines: the default is the
-    tiny model, where a round is nearly all Flower's; `--model` shows a round with real work."""
-    model: str = MODEL
-    local_steps: int = LOCAL_STEPS
-    batch_size: int = BATCH_SIZE
 MB = 1024 * 1024
 # The side-by-side runs wait for every client in every round, so both engines do the same
 # work; the large run counts a round with whatever replies came, and waits less for the rest
@@ -115,6 +106,15 @@ def write_data(folder: Path, nodes: int) -> dict[str, Path]:
     files["server"] = folder / "server.jsonl"
     files["server"].write_text(rows(dataset.test[:24]), encoding="utf-8")
     return files
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What every client does each round, the same for both engines: the default is the
+    tiny model, where a round is nearly all Flower's; `--model` shows a round with real work."""
+    model: str = MODEL
+    local_steps: int = LOCAL_STEPS
+    batch_size: int = BATCH_SIZE
 
 
 def write_config(path: Path, data_files: dict[str, Path], clients: int, *, min_replies: int,
@@ -169,7 +169,8 @@ def short_name(cmdline: list[str]) -> str:
 
 class RssSampler(threading.Thread):
     """Samples, once a second, the RSS by Flower role of each watched process tree,
-    with how many rounds the run folder has committed (-1 before the run is submitted)."""
+    with how many rounds the run folder has committed (-1 before the run is submitted,
+    -2 while the processes still start, before `settled`)."""
 
     def __init__(self, roots: dict[str, launch.Launched], run_dir: Path, interval: float = 1.0):
         super().__init__(daemon=True)
@@ -250,6 +251,22 @@ def memory_summary(samples: list[dict], rounds: int, nodes: list[str]) -> dict:
             "clientapp": _stats(clientapps), "all_nodes_total": _stats(all_nodes)}
 
 
+def cpu_used(window: list[dict]) -> dict[str, float]:
+    """CPU seconds each role's processes used over consecutive samples (each process from
+    the first sample it is in to the last)."""
+    first: dict[int, float] = {}
+    last: dict[int, tuple] = {}
+    for s in window:
+        for pid, (tree, role, cpu) in s.get("cpu", {}).items():
+            first.setdefault(pid, cpu)
+            last[pid] = (tree, role, cpu)
+    by_role: dict[str, float] = {}
+    for pid, (tree, role, cpu) in last.items():
+        key = f"coordinator {role}" if tree in ("coordinator", "simulation") else f"node {role}"
+        by_role[key] = by_role.get(key, 0.0) + cpu - first[pid]
+    return by_role
+
+
 def settle(sampler: RssSampler, quiet: float = 0.2, timeout: float = 120.0) -> None:
     """Wait until the watched processes use less than `quiet` CPU-s per second (over the
     last 3 samples), or `timeout`: the idle figure is then the federation at rest, not its start."""
@@ -257,33 +274,17 @@ def settle(sampler: RssSampler, quiet: float = 0.2, timeout: float = 120.0) -> N
     while time.time() < deadline:
         time.sleep(1)
         window = sampler.samples[-4:]
-        if len(window) == 4:
-            first, last = window[0].get("cpu", {}), window[-1].get("cpu", {})
-            used = sum(cpu - first.get(pid, (None, None, cpu))[2] for pid, (_, _, cpu) in last.items())
-            if used / 3 < quiet:
-                return
+        if len(window) == 4 and sum(cpu_used(window).values()) / 3 < quiet:
+            return
 
 
-def cpu_summary(samples: list[dict], nodes: int = 0) -> dict:
+def cpu_summary(samples: list[dict]) -> dict:
     """CPU seconds (user and system) each role's processes used per steady round (from the
-    first sample after round 1 was committed to the last one), and per second while idle
-    (every node connected, no run). CPU time, unlike the seconds a round takes, does not
-    grow much when other work shares the machine (only the polling, which runs by the clock),
-    so it says where a round's compute goes.
+    first sample after round 1 was committed to the first sample of the last round), and per
+    second while idle (every node connected, no run). CPU time, unlike the seconds a round
+    takes, does not grow much when other work shares the machine (only the polling, which
+    runs by the clock), so it says where a round's compute goes.
     A process that started and ended between two samples (a fresh ClientApp) is missed."""
-    def used(window: list[dict]) -> dict[str, float]:
-        first: dict[int, float] = {}
-        last: dict[int, tuple] = {}
-        for s in window:
-            for pid, (tree, role, cpu) in s.get("cpu", {}).items():
-                first.setdefault(pid, cpu)
-                last[pid] = (tree, role, cpu)
-        by_role: dict[str, float] = {}
-        for pid, (tree, role, cpu) in last.items():
-            key = f"coordinator {role}" if tree in ("coordinator", "simulation") else f"node {role}"
-            by_role[key] = by_role.get(key, 0.0) + cpu - first[pid]
-        return by_role
-
     out: dict = {}
     committed = [s for s in samples if s["round"] >= 1]
     final = max((s["round"] for s in committed), default=0)
@@ -291,14 +292,14 @@ def cpu_summary(samples: list[dict], nodes: int = 0) -> dict:
     steady = [s for s in committed if s["round"] < final] + [s for s in committed if s["round"] == final][:1]
     if len(steady) >= 2 and steady[-1]["round"] > steady[0]["round"]:
         rounds = steady[-1]["round"] - steady[0]["round"]
-        per_round = {k: v / rounds for k, v in sorted(used(steady).items())}
+        per_round = {k: v / rounds for k, v in sorted(cpu_used(steady).items())}
         out["steady_rounds_measured"] = rounds
         out["per_steady_round_s"] = {k: round(v, 3) for k, v in per_round.items()}
         out["total_per_steady_round_s"] = round(sum(per_round.values()), 3)
     idle = [s for s in samples if s["round"] == -1]
     if len(idle) >= 2:
         seconds = max(len(idle) - 1, 1)  # one sample a second
-        idle_used = used(idle)
+        idle_used = cpu_used(idle)
         out["idle_per_second_s"] = round(sum(idle_used.values()) / seconds, 3)
         out["idle_per_second_by_process_s"] = {k: round(v / seconds, 3) for k, v in sorted(idle_used.items())}
     return out
@@ -576,9 +577,9 @@ def cpu_lines(r: dict) -> list[str]:
         return []
     lines = ["", "CPU seconds (user and system, all cores) each kind of process used per steady round, "
              "from /proc once a second: unlike a round's seconds, CPU time grows little when other work "
-             f"shares the machine (only the nodes' and the ServerApp's polling, which runs by the clock). On {os.cpu_count()} cores a round cannot take less than "
-             f"1/{os.cpu_count()} of its total. Idle: the federation's CPU seconds per second with every node "
-             "connected and no run.", "",
+             "shares the machine (only the nodes' and the ServerApp's polling, which runs by the clock). "
+             f"On {os.cpu_count()} cores a round cannot take less than 1/{os.cpu_count()} of its total. "
+             "Idle: the federation's CPU seconds per second with every node connected and no run.", "",
              "| run | total per round | by process (per round) | idle per second | by process (idle) |",
              "|---|---|---|---|---|"]
     for name, x in runs:
